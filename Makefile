@@ -1,0 +1,42 @@
+# dynimg: `make serve` sets up and serves the samples; `make test` sets up and tests.
+PORT ?= 8000
+HOST ?= 127.0.0.1
+# Two processes (one a core) with a few threads each: renders are CPU-bound.
+PROCESSES ?= 2
+THREADS ?= 4
+VENV := .venv
+
+DEBIAN_PACKAGES := apache2 apache2-dev build-essential python3-dev python3-venv \
+	libjpeg-dev zlib1g-dev libpng-dev libwebp-dev libtiff-dev liblcms2-dev \
+	libfreetype-dev libopenjp2-7-dev
+TEST_DEBIAN_PACKAGES :=
+
+RUN_AS := $(if $(filter 0,$(shell id -u)),--user www-data --group www-data)
+
+.PHONY: serve test setup debs access clean
+
+serve: setup
+	$(VENV)/bin/python dynimg.py check
+	$(VENV)/bin/mod_wsgi-express start-server dynimg.wsgi --host $(HOST) --port $(PORT) \
+		--mount-point /images --processes $(PROCESSES) --threads $(THREADS) $(RUN_AS) \
+		--server-root /tmp/dynimg-$(PORT) --log-to-terminal
+
+test: setup
+	scripts/setup debs $(TEST_DEBIAN_PACKAGES)
+	$(VENV)/bin/python -m pytest
+
+setup: debs $(VENV)/.ready access
+
+debs:
+	@scripts/setup debs $(DEBIAN_PACKAGES)
+
+# Rebuilt only when what it installs changes: a second `make` installs nothing.
+$(VENV)/.ready: setup.cfg scripts/setup
+	scripts/setup venv
+	touch $@
+
+access: $(VENV)/.ready
+	@scripts/setup access . $(VENV)
+
+clean:
+	rm -rf $(VENV) .pytest_cache

@@ -1,0 +1,1367 @@
+"""dynimg: an on-the-fly image server for pages that must load fast on slow networks.
+
+Given an image name, a box, and what is known of the client's screen and network
+(from the URL or from the browser's client hints), dynimg answers with the
+smallest image that still looks right: resized with Pillow(-SIMD), oriented,
+converted to sRGB, stripped of metadata and encoded within the byte budget of
+the client's network class.
+
+It is one WSGI callable, ``application``, with no dependency beyond the standard
+library and Pillow. The HTTP contract is in README.md.
+
+    mod_wsgi-express start-server dynimg.wsgi --mount-point /images
+    python dynimg.py serve                       # wsgiref, for a quick local try
+    python dynimg.py render sunset.jpg --width 340 --height 400 -o out.jpg
+
+Configuration is ``dynimg.ini``, found through the DYNIMG_CONFIG environment
+variable or beside this file.
+"""
+
+import argparse
+import configparser
+import dataclasses
+import email.utils
+import hashlib
+import http
+import io
+import json
+import logging
+import math
+import os
+import re
+import sys
+import time
+import types
+import urllib.parse
+import warnings
+from typing import Optional
+
+from PIL import Image, ImageCms, ImageOps, UnidentifiedImageError
+
+# --- constants and tables ---------------------------------------------------
+
+#: The product's version, shown by /_health.
+VERSION = "0.1.0"
+
+#: Part of every image key; raise it whenever the same request would give other bytes.
+PROCESSING_VERSION = 1
+
+#: Output formats users may name: Pillow's format name, the media type, alpha support.
+FORMATS = {
+    "jpeg": ("JPEG", "image/jpeg", False),
+    "webp": ("WEBP", "image/webp", True),
+    "png": ("PNG", "image/png", True),
+}
+
+#: Fit modes: what happens when the source's aspect differs from the box's.
+FITS = {
+    "contain": "best fit inside the box, no aspect loss",
+    "cover": "fill the box, crop the overflow",
+    "fill": "stretch to exactly the box",
+    "pad": "contain, then pad to the box with bg",
+}
+
+#: Which part of the image `cover` keeps (and where `pad` places it), as fractions.
+GRAVITIES = {
+    "center": (0.5, 0.5),
+    "north": (0.5, 0.0),
+    "south": (0.5, 1.0),
+    "east": (1.0, 0.5),
+    "west": (0.0, 0.5),
+    "northeast": (1.0, 0.0),
+    "northwest": (0.0, 0.0),
+    "southeast": (1.0, 1.0),
+    "southwest": (0.0, 1.0),
+}
+
+#: Spellings accepted for boolean parameters and config values.
+BOOLEANS = {"1": True, "true": True, "yes": True, "on": True,
+            "0": False, "false": False, "no": False, "off": False}
+
+#: Short names for parameters.
+ALIASES = {"w": "width", "h": "height", "q": "quality"}
+
+#: Every query parameter and what it accepts (the 400 messages quote these).
+PARAMETERS = {
+    "name": "a relative path under the image root",
+    "url": "an http(s) URL on an allowed host",
+    "width": "an integer from 1 to max_width",
+    "height": "an integer from 1 to max_height",
+    "forcefit": "one of 1, true, yes, 0, false, no",
+    "fit": "one of " + ", ".join(FITS),
+    "gravity": "one of " + ", ".join(GRAVITIES),
+    "upscale": "one of 1, true, yes, 0, false, no",
+    "bandwidth": "a network class",
+    "screensize": "WxH or a screen name",
+    "dpr": "a number from 1 to 4",
+    "quality": "an integer from 1 to 100",
+    "format": "one of " + ", ".join(FORMATS) + ", auto",
+    "bg": "a hex colour such as fff or ffffff",
+    "sig": "a hex HMAC-SHA256 signature",
+}
+
+#: EXIF orientation -> the transpose that makes the image upright (1 needs none).
+ORIENTATIONS = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
+
+#: The EXIF tag number of Orientation.
+EXIF_ORIENTATION = 0x0112
+
+#: Client hints the server reads; every image response asks for them in Accept-CH.
+CLIENT_HINTS = ("ECT", "Downlink", "Save-Data", "Sec-CH-DPR", "Sec-CH-Viewport-Width",
+                "Sec-CH-Width")
+
+#: Where JPEG draft() decoding aims, as a multiple of the target size: DCT
+#: scaling to at least this much, then one LANCZOS resample for the rest.
+DRAFT_FACTOR = 1.0
+
+#: Pillow's reducing_gap for non-JPEG sources: a fast box reduce() first, when the
+#: source is this many times the target or more, then LANCZOS.
+REDUCING_GAP = 3.0
+
+#: JPEG outputs smaller than this many pixels are baseline (progressive costs bytes there).
+PROGRESSIVE_MIN_PIXELS = 100 * 100
+
+#: At this JPEG quality and above, chroma is kept at full resolution (4:4:4).
+FULL_CHROMA_QUALITY = 90
+
+#: How many times the byte-budget search may scale an image down before giving up.
+BUDGET_SCALE_STEPS = 6
+
+log = logging.getLogger("dynimg")
+
+# --- errors -------------------------------------------------------------------
+
+
+class HTTPError(Exception):
+    """An answer other than the image: a status and a short public message.
+
+    `image` names the config attribute of the picture sent with the status
+    (None: a line of text).
+    """
+
+    status = 500
+    image: Optional[str] = None
+
+    def __init__(self, message="", detail=None):
+        super().__init__(message)
+        self.message = message
+        self.detail = detail or message
+
+
+class BadRequest(HTTPError):
+    status = 400
+
+
+class Forbidden(HTTPError):
+    status = 403
+
+
+class NotFound(HTTPError):
+    status = 404
+    image = "not_found_image"
+
+
+class MethodNotAllowed(HTTPError):
+    status = 405
+
+
+class Unprocessable(HTTPError):
+    status = 422
+    image = "error_image"
+
+
+class InternalError(HTTPError):
+    status = 500
+    image = "error_image"
+
+
+class ConfigError(Exception):
+    """A bad value in dynimg.ini; the message names the section and key."""
+
+
+# --- config -----------------------------------------------------------------
+
+#: Every config key and its default; dynimg.ini documents each one.
+DEFAULTS = {
+    "server": {
+        "image_root": "samples",
+        "not_found_image": "404image.png",
+        "error_image": "errorimage.png",
+        "log_file": "",
+        "log_level": "INFO",
+        "cache_max_age": "86400",
+        "error_max_age": "60",
+    },
+    "output": {
+        "format": "jpeg",
+        "bg": "ffffff",
+    },
+    "limits": {
+        "max_width": "4000",
+        "max_height": "4000",
+        "max_dpr": "4",
+        "max_source_bytes": "52428800",
+        "max_source_pixels": "100000000",
+    },
+    "hints": {
+        "downlink_classes": "slow-2g 0.05, 2g 0.07, 3g 0.7, 4g",
+        "width_steps": "160 240 320 360 400 480 540 640 720 800 960 1080 1280 1440 "
+                       "1600 1920 2048 2560 3200 3840",
+        "dpr_steps": "1 1.5 2 3 4",
+    },
+    "screens": {
+        "mobile": "360x800",
+        "tablet": "800x1280",
+        "desktop": "1920x1080",
+    },
+    "security": {
+        "signing_key": "",
+    },
+    "remote": {
+        "allowed_hosts": "",
+    },
+    "network.default": {"quality": "80", "min_quality": "60", "max_bytes": "0", "max_dpr": "3"},
+    "network.save-data": {"quality": "50", "min_quality": "30", "max_bytes": "40000",
+                          "max_dpr": "1"},
+    "network.slow-2g": {"quality": "45", "min_quality": "25", "max_bytes": "12000",
+                        "max_dpr": "1"},
+    "network.2g": {"quality": "50", "min_quality": "30", "max_bytes": "20000", "max_dpr": "1"},
+    "network.3g": {"quality": "70", "min_quality": "45", "max_bytes": "100000", "max_dpr": "2"},
+    "network.4g": {"quality": "80", "min_quality": "60", "max_bytes": "400000", "max_dpr": "3"},
+    "network.wifi": {"quality": "82", "min_quality": "65", "max_bytes": "0", "max_dpr": "4"},
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Profile:
+    """What one network class gets: quality, its floor, a byte budget and a dpr cap."""
+
+    quality: int
+    min_quality: int
+    max_bytes: int
+    max_dpr: float
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """dynimg.ini, read and checked once."""
+
+    path: str
+    image_root: str
+    not_found_image: str
+    error_image: str
+    log_file: str
+    log_level: str
+    cache_max_age: int
+    error_max_age: int
+    format: str
+    bg: str
+    max_width: int
+    max_height: int
+    max_dpr: float
+    max_source_bytes: int
+    max_source_pixels: int
+    downlink_classes: tuple
+    width_steps: tuple
+    dpr_steps: tuple
+    screens: types.MappingProxyType
+    profiles: types.MappingProxyType
+    signing_keys: tuple
+    allowed_hosts: tuple
+
+
+def default_config_path():
+    """DYNIMG_CONFIG if set, else the dynimg.ini beside this module."""
+    return os.environ.get("DYNIMG_CONFIG") or os.path.join(
+        os.path.dirname(os.path.abspath(__file__)), "dynimg.ini")
+
+
+def load_config(path=None):
+    """Read the INI over the defaults and check every value; raises ConfigError."""
+    path = os.path.abspath(path or default_config_path())
+    parser = configparser.ConfigParser(interpolation=None)
+    parser.read_dict(DEFAULTS)
+    try:
+        with open(path, encoding="utf-8") as ini:
+            parser.read_file(ini)
+    except OSError as error:
+        raise ConfigError(f"cannot read config file {path}: {error.strerror}") from None
+    except configparser.Error as error:
+        raise ConfigError(f"{path}: {error}") from None
+    read = _ConfigReader(parser, os.path.dirname(path))
+    return Config(
+        path=path,
+        image_root=read.folder("server", "image_root"),
+        not_found_image=read.file("server", "not_found_image"),
+        error_image=read.file("server", "error_image"),
+        log_file=read.path("server", "log_file"),
+        log_level=read.choice("server", "log_level", logging.getLevelNamesMapping()),
+        cache_max_age=read.integer("server", "cache_max_age", 0),
+        error_max_age=read.integer("server", "error_max_age", 0),
+        format=read.choice("output", "format", FORMATS),
+        bg=read.colour("output", "bg"),
+        max_width=read.integer("limits", "max_width", 1, 65535),
+        max_height=read.integer("limits", "max_height", 1, 65535),
+        max_dpr=read.number("limits", "max_dpr", 1, 4),
+        max_source_bytes=read.integer("limits", "max_source_bytes", 1),
+        max_source_pixels=read.integer("limits", "max_source_pixels", 1),
+        downlink_classes=read.downlink_classes(),
+        width_steps=read.numbers("hints", "width_steps", int),
+        dpr_steps=read.numbers("hints", "dpr_steps", float),
+        screens=types.MappingProxyType(read.screens()),
+        profiles=types.MappingProxyType(read.profiles()),
+        signing_keys=tuple(read.words("security", "signing_key")),
+        allowed_hosts=tuple(read.words("remote", "allowed_hosts")),
+    )
+
+
+class _ConfigReader:
+    """Typed access to a ConfigParser whose errors name section and key."""
+
+    def __init__(self, parser, folder):
+        self.parser = parser
+        self.folder_of_ini = folder
+
+    def _fail(self, section, key, expected):
+        value = self.parser.get(section, key, fallback="")
+        raise ConfigError(f"[{section}] {key} = {value!r}: must be {expected}")
+
+    def text(self, section, key):
+        return self.parser.get(section, key).strip()
+
+    def words(self, section, key):
+        return self.text(section, key).replace(",", " ").split()
+
+    def path(self, section, key):
+        value = self.text(section, key)
+        return os.path.join(self.folder_of_ini, value) if value else ""
+
+    def folder(self, section, key):
+        value = os.path.realpath(self.path(section, key))
+        if not os.path.isdir(value):
+            self._fail(section, key, "an existing folder")
+        return value
+
+    def file(self, section, key):
+        value = self.path(section, key)
+        if not os.path.isfile(value):
+            self._fail(section, key, "an existing file")
+        return value
+
+    def integer(self, section, key, low, high=None):
+        value = self.text(section, key)
+        if not re.fullmatch(r"\d{1,12}", value) or not low <= int(value) <= (high or 1e13):
+            self._fail(section, key, f"an integer from {low}" + (f" to {high}" if high else ""))
+        return int(value)
+
+    def number(self, section, key, low, high):
+        try:
+            value = float(self.text(section, key))
+        except ValueError:
+            value = math.nan
+        if not low <= value <= high:
+            self._fail(section, key, f"a number from {low} to {high}")
+        return value
+
+    def choice(self, section, key, table):
+        value = self.text(section, key)
+        if value not in table:
+            self._fail(section, key, "one of " + ", ".join(table))
+        return value
+
+    def colour(self, section, key):
+        value = _parse_colour(self.text(section, key))
+        if value is None:
+            self._fail(section, key, "a hex colour such as fff or ffffff")
+        return value
+
+    def numbers(self, section, key, kind):
+        try:
+            values = tuple(sorted(kind(word) for word in self.words(section, key)))
+        except ValueError:
+            values = ()
+        if not values or values[0] <= 0:
+            self._fail(section, key, "a list of positive numbers")
+        return values
+
+    def downlink_classes(self):
+        """'slow-2g 0.05, 2g 0.07, 3g 0.7, 4g': class for a downlink below each figure."""
+        steps = [item.split() for item in self.text("hints", "downlink_classes").split(",")]
+        try:
+            *bounded, (last,) = steps
+            table = tuple((name, float(limit)) for name, limit in bounded) + ((last, math.inf),)
+        except ValueError:
+            table = ()
+        if not table or any(f"network.{name}" not in self.parser for name, _ in table):
+            self._fail("hints", "downlink_classes",
+                       "'CLASS MBPS, ..., CLASS' naming [network.*] classes")
+        return table
+
+    def screens(self):
+        screens = {}
+        for name in self.parser["screens"]:
+            screens[name] = _parse_screen_size(self.text("screens", name))
+            if screens[name] is None:
+                self._fail("screens", name, "WxH, such as 360x800")
+        return screens
+
+    def profiles(self):
+        profiles = {}
+        for section in self.parser.sections():
+            if section.startswith("network."):
+                profiles[section[len("network."):]] = Profile(
+                    quality=self.integer(section, "quality", 1, 100),
+                    min_quality=self.integer(section, "min_quality", 1, 100),
+                    max_bytes=self.integer(section, "max_bytes", 0),
+                    max_dpr=self.number(section, "max_dpr", 1, 4))
+        return profiles
+
+
+def configure_logging(config):
+    """Send the 'dynimg' logger to the INI's log file (or stderr) at its level."""
+    handler = (logging.FileHandler(config.log_file) if config.log_file
+               else logging.StreamHandler(sys.stderr))
+    handler.setFormatter(logging.Formatter(
+        "%(asctime)s %(process)d %(levelname)s %(name)s: %(message)s"))
+    for old in list(log.handlers):
+        log.removeHandler(old)
+    log.addHandler(handler)
+    log.setLevel(config.log_level)
+    log.propagate = False
+
+
+def apply_limits(config):
+    """Make Pillow itself refuse sources over max_source_pixels, before decoding."""
+    Image.MAX_IMAGE_PIXELS = config.max_source_pixels
+    warnings.simplefilter("error", Image.DecompressionBombWarning)
+
+
+# --- request parsing ----------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Spec:
+    """One request, fully resolved: the whole answer to "what image is this?".
+
+    Widths and heights are device pixels (dpr, screen caps and hints folded in).
+    Fields after `bg` describe the request, not the bytes, and stay out of the key.
+    """
+
+    name: str
+    width: Optional[int]
+    height: Optional[int]
+    fit: str
+    gravity: str
+    upscale: bool
+    format: str
+    png_for_alpha: bool
+    quality: int
+    min_quality: int
+    max_bytes: int
+    bg: str
+    network: str = "default"
+    dpr: float = 1.0
+    vary: tuple = ()
+
+    def key(self, identity):
+        """Hex digest of this spec's canonical form plus the source's identity."""
+        fields = dataclasses.astuple(self)[:12]
+        canonical = json.dumps([PROCESSING_VERSION, list(identity), list(fields)])
+        return hashlib.sha256(canonical.encode()).hexdigest()[:32]
+
+
+def parse_spec(environ, config):
+    """Turn a WSGI environ into a Spec; raises BadRequest naming the parameter."""
+    params = _parse_query(environ.get("QUERY_STRING", ""))
+    name = _request_name(environ, params)
+    headers = _Headers(environ)
+    network, vary = _choose_network(params, headers, config)
+    profile = config.profiles[network]
+    dpr, vary = _choose_dpr(params, headers, profile, config, vary)
+    width, height, vary = _choose_box(params, headers, dpr, config, vary)
+    fit = _choose_fit(params)
+    image_format, png_for_alpha, vary = _choose_format(params, headers, config, vary)
+    quality = _int_param(params, "quality", 1, 100, profile.quality)
+    return Spec(
+        name=name, width=width, height=height, fit=fit,
+        gravity=_choice_param(params, "gravity", GRAVITIES, "center") if fit in ("cover", "pad")
+        else "center",
+        upscale=_bool_param(params, "upscale", False),
+        format=image_format, png_for_alpha=png_for_alpha,
+        quality=quality, min_quality=min(profile.min_quality, quality),
+        max_bytes=profile.max_bytes,
+        bg=_colour_param(params, "bg", config.bg),
+        network=network, dpr=dpr, vary=tuple(sorted(vary)))
+
+
+def _parse_query(query):
+    """Strict query parsing: aliases resolved; unknown, repeated and empty refused."""
+    try:
+        pairs = urllib.parse.parse_qsl(query, keep_blank_values=True, errors="strict")
+    except UnicodeDecodeError:
+        raise BadRequest("query: must be UTF-8 text") from None
+    params = {}
+    for raw_name, value in pairs:
+        name = ALIASES.get(raw_name, raw_name)
+        if name not in PARAMETERS:
+            raise BadRequest(f"{_printable(raw_name)}: unknown parameter; accepted: "
+                             + ", ".join(sorted(PARAMETERS)))
+        if name in params:
+            raise BadRequest(f"{name}: given more than once")
+        if not value:
+            raise BadRequest(f"{name}: empty; must be {PARAMETERS[name]}")
+        params[name] = value
+    return types.MappingProxyType(params)
+
+
+def _request_name(environ, params):
+    """The source name, from the path form (/images/x.jpg) or ?name=."""
+    raw_path = environ.get("PATH_INFO", "")
+    try:
+        # PEP 3333 hands PATH_INFO over as latin-1; the URL's bytes were UTF-8.
+        path_name = raw_path.encode("latin-1").decode("utf-8").lstrip("/")
+    except UnicodeError:
+        raise BadRequest("name: the path must be UTF-8 text") from None
+    if "url" in params:
+        raise Forbidden("url: remote sources are not enabled on this server")
+    if path_name and "name" in params:
+        raise BadRequest("name: given both in the path and in the query")
+    name = path_name or params.get("name", "")
+    if not name:
+        raise BadRequest("name: required, as /images/NAME or ?name=NAME")
+    return _check_name(name)
+
+
+def _check_name(name):
+    """Refuse names that could only be attempts to leave the image root."""
+    parts = name.split("/")
+    if ("\x00" in name or "\\" in name or name.startswith("/")
+            or any(part == ".." for part in parts)):
+        raise BadRequest("name: must be a relative path inside the image root")
+    return "/".join(part for part in parts if part not in ("", "."))
+
+
+class _Headers:
+    """Read-only access to request headers by their HTTP names."""
+
+    def __init__(self, environ):
+        self.environ = environ
+
+    def get(self, *names):
+        """The first of `names` present, as (name, value), else (names[0], None)."""
+        for name in names:
+            value = self.environ.get("HTTP_" + name.upper().replace("-", "_"))
+            if value is not None:
+                return name, value.strip()
+        return names[0], None
+
+
+def _choose_network(params, headers, config):
+    """The network class: ?bandwidth=, else Save-Data, ECT, then Downlink."""
+    if "bandwidth" in params:
+        network = params["bandwidth"]
+        if network not in config.profiles or network in ("default", "save-data"):
+            classes = [name for name in config.profiles if name not in ("default", "save-data")]
+            raise BadRequest("bandwidth: must be one of " + ", ".join(classes))
+        return network, set()
+    vary = {"Save-Data", "ECT"}
+    if headers.get("Save-Data")[1] in ("on", "?1"):
+        return "save-data", vary
+    ect = (headers.get("ECT")[1] or "").lower()
+    if ect in config.profiles and ect not in ("default", "save-data"):
+        return ect, vary
+    vary.add("Downlink")
+    downlink = _hint_number(headers.get("Downlink")[1], 0, 10000)
+    if downlink is None:
+        return "default", vary
+    return next(name for name, below in config.downlink_classes if downlink < below), vary
+
+
+def _choose_dpr(params, headers, profile, config, vary):
+    """Device pixel ratio: ?dpr=, else the DPR hint snapped up to a step; capped."""
+    cap = min(profile.max_dpr, config.max_dpr)
+    if "dpr" in params:
+        return min(_number_param(params, "dpr", 1, 4), cap), vary
+    name, value = headers.get("Sec-CH-DPR", "DPR")
+    hinted = _hint_number(value, 0.1, 10)
+    if hinted is None:
+        return 1.0, vary | {"Sec-CH-DPR", "DPR"}
+    return min(_snap_up(hinted, config.dpr_steps), cap), vary | {"Sec-CH-DPR", "DPR"}
+
+
+def _choose_box(params, headers, dpr, config, vary):
+    """The target box in device pixels, from width/height, hints and the screen."""
+    width = _int_param(params, "width", 1, config.max_width, None)
+    height = _int_param(params, "height", 1, config.max_height, None)
+    if width or height:
+        width = width and round(width * dpr)
+        height = height and round(height * dpr)
+    else:
+        vary = vary | {"Sec-CH-Width", "Width"}
+        width = _hint_number(headers.get("Sec-CH-Width", "Width")[1], 1, 100000)
+        width = width and _snap_up(width, config.width_steps)
+    screen, vary = _choose_screen(params, headers, config, vary)
+    if screen:
+        screen_width, screen_height = (round(side * dpr) for side in screen)
+        width = min(width or screen_width, screen_width)
+        height = min(height, screen_height) if height else (None if width else screen_height)
+        if not height and "screensize" in params and not _box_in_params(params):
+            height = screen_height
+    if width is None and height is None and "DPR" in vary and not screen:
+        vary = vary - {"Sec-CH-DPR", "DPR"}
+    return _clamp(width, config.max_width), _clamp(height, config.max_height), vary
+
+
+def _box_in_params(params):
+    return "width" in params or "height" in params
+
+
+def _choose_screen(params, headers, config, vary):
+    """The screen in CSS pixels: ?screensize=, else the Viewport-Width hint, else None."""
+    if "screensize" in params:
+        value = params["screensize"]
+        screen = config.screens.get(value) or _parse_screen_size(value)
+        if screen is None:
+            raise BadRequest("screensize: must be WxH (such as 360x800) or one of "
+                             + ", ".join(config.screens))
+        return screen, vary
+    vary = vary | {"Sec-CH-Viewport-Width", "Viewport-Width"}
+    viewport = _hint_number(headers.get("Sec-CH-Viewport-Width", "Viewport-Width")[1],
+                            1, 100000)
+    if viewport is None:
+        return None, vary
+    return (_snap_up(viewport, config.width_steps), 100000), vary
+
+
+def _choose_fit(params):
+    fit = _choice_param(params, "fit", FITS, None)
+    forcefit = _bool_param(params, "forcefit", None)
+    if forcefit is not None and fit is not None and forcefit != (fit == "fill"):
+        raise BadRequest("forcefit: contradicts fit=" + fit)
+    return fit or ("fill" if forcefit else "contain")
+
+
+def _choose_format(params, headers, config, vary):
+    """The output format; format=auto negotiates with Accept (and varies on it)."""
+    if params.get("format") != "auto":
+        return _choice_param(params, "format", FORMATS, config.format), False, vary
+    accepts_webp = negotiate_webp(headers.get("Accept")[1] or "")
+    return ("webp" if accepts_webp else "jpeg"), not accepts_webp, vary | {"Accept"}
+
+
+def _int_param(params, name, low, high, default):
+    value = params.get(name)
+    if value is None:
+        return default
+    if not re.fullmatch(r"\d{1,9}", value) or not low <= int(value) <= high:
+        raise BadRequest(f"{name}: must be an integer from {low} to {high}")
+    return int(value)
+
+
+def _number_param(params, name, low, high):
+    number = _finite_number(params[name])
+    if number is None or not low <= number <= high:
+        raise BadRequest(f"{name}: must be a number from {low} to {high}")
+    return number
+
+
+def _choice_param(params, name, table, default):
+    value = params.get(name)
+    if value is None:
+        return default
+    if value not in table:
+        raise BadRequest(f"{name}: must be one of " + ", ".join(table))
+    return value
+
+
+def _bool_param(params, name, default):
+    value = params.get(name)
+    if value is None:
+        return default
+    if value.lower() not in BOOLEANS:
+        raise BadRequest(f"{name}: must be one of 1, true, yes, 0, false, no")
+    return BOOLEANS[value.lower()]
+
+
+def _colour_param(params, name, default):
+    if name not in params:
+        return default
+    colour = _parse_colour(params[name])
+    if colour is None:
+        raise BadRequest(f"{name}: must be a hex colour such as fff or ffffff")
+    return colour
+
+
+def _parse_colour(text):
+    """'fff' or '#ffffff' -> 'ffffff'; None if it is not a hex colour."""
+    text = text.lstrip("#").lower()
+    if re.fullmatch(r"[0-9a-f]{3}", text):
+        return "".join(c * 2 for c in text)
+    return text if re.fullmatch(r"[0-9a-f]{6}", text) else None
+
+
+def _parse_screen_size(text):
+    match = re.fullmatch(r"(\d{1,5})x(\d{1,5})", text.strip().lower())
+    if not match or "0" in (match[1].lstrip("0") or "0", match[2].lstrip("0") or "0"):
+        return None
+    return int(match[1]), int(match[2])
+
+
+def _finite_number(text):
+    try:
+        number = float(text)
+    except ValueError:
+        return None
+    return number if math.isfinite(number) else None
+
+
+def _hint_number(text, low, high):
+    """A client-hint number, or None when it is absent or malformed (never an error)."""
+    if not text or len(text) > 16:
+        return None
+    number = _finite_number(text)
+    return number if number is not None and low <= number <= high else None
+
+
+def _snap_up(value, steps):
+    """The first step at or above value (the last step when value is above them all)."""
+    return next((step for step in steps if step >= value), steps[-1])
+
+
+def _clamp(value, high):
+    return None if value is None else max(1, min(int(value), high))
+
+
+def _printable(text):
+    """Text safe to quote in a one-line message: control characters escaped, short."""
+    return text[:40].encode("unicode_escape").decode("ascii")
+
+
+# --- HTTP policy --------------------------------------------------------------
+
+
+def negotiate_webp(accept):
+    """Whether an Accept header takes image/webp (explicitly, with q > 0)."""
+    for item in accept.split(","):
+        media, _, params = item.strip().partition(";")
+        if media.strip().lower() != "image/webp":
+            continue
+        match = re.search(r"q\s*=\s*([0-9.]+)", params)
+        return not match or (_finite_number(match[1]) or 0) > 0
+    return False
+
+
+def is_not_modified(if_none_match, etag):
+    """Weak comparison of an If-None-Match header with our (strong, quoted) ETag."""
+    if not if_none_match:
+        return False
+    if if_none_match.strip() == "*":
+        return True
+    tags = (tag.strip() for tag in if_none_match.split(","))
+    return any(tag.removeprefix("W/") == etag for tag in tags)
+
+
+def http_date(timestamp):
+    return email.utils.formatdate(timestamp, usegmt=True)
+
+
+def confine(root, name):
+    """The real path of `name` under `root`; NotFound if it resolves outside it."""
+    path = os.path.realpath(os.path.join(root, name))
+    if os.path.commonpath([root, path]) != root:
+        raise NotFound("no such image", f"{name!r} resolves outside the image root")
+    return path
+
+
+# --- image pipeline -----------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Source:
+    """An opened source file; `identity` changes whenever its content may have."""
+
+    path: str
+    data: bytes
+    identity: tuple
+    mtime: float
+
+
+@dataclasses.dataclass(frozen=True)
+class Rendered:
+    """An encoded image and what it took to make it."""
+
+    data: bytes
+    format: str
+    width: int
+    height: int
+    quality: int
+    source_size: tuple
+    timings: tuple
+
+
+def open_source(spec, config):
+    """Read the named source inside the image root, refusing oversize files early."""
+    path = confine(config.image_root, spec.name)
+    try:
+        with open(path, "rb") as file:
+            # fstat of the open file, so the identity matches the bytes we read
+            stat = os.fstat(file.fileno())
+            if not os.path.stat.S_ISREG(stat.st_mode):
+                raise NotFound("no such image", f"{spec.name!r} is not a regular file")
+            if stat.st_size > config.max_source_bytes:
+                raise Unprocessable("source is larger than max_source_bytes")
+            data = file.read(config.max_source_bytes + 1)
+    except (FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError):
+        raise NotFound("no such image", f"{spec.name!r}: cannot open") from None
+    if len(data) > config.max_source_bytes:
+        raise Unprocessable("source is larger than max_source_bytes")
+    relative = os.path.relpath(path, config.image_root)
+    return Source(path, data, (relative, stat.st_size, stat.st_mtime_ns), stat.st_mtime)
+
+
+def open_image(data, config):
+    """Open (lazily) and check the pixel count before any pixel is decoded."""
+    try:
+        image = Image.open(io.BytesIO(data))
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise Unprocessable("source is larger than max_source_pixels") from None
+    except UnidentifiedImageError:
+        raise Unprocessable("source is not an image format this server reads") from None
+    except (OSError, SyntaxError, ValueError, EOFError) as error:
+        raise Unprocessable("source is not a decodable image", repr(error)) from None
+    if image.width * image.height > config.max_source_pixels:
+        raise Unprocessable("source is larger than max_source_pixels")
+    return image
+
+
+def render(source_data, spec, config):
+    """Decode, run the pipeline, encode within budget. Returns Rendered."""
+    started = time.perf_counter()
+    image = open_image(source_data, config)
+    source_size = image.size
+    try:
+        image = decode(image, spec)
+        decoded = time.perf_counter()
+        for step in PIPELINE:
+            image = step(image, spec)
+    except (OSError, SyntaxError, ValueError, EOFError, IndexError, KeyError) as error:
+        # Pillow reports broken files through these, from whichever step first reads pixels.
+        raise Unprocessable("source is not a decodable image", repr(error)) from None
+    resized = time.perf_counter()
+    data, image, quality = encode(image, spec)
+    finished = time.perf_counter()
+    timings = (("decode", decoded - started), ("resize", resized - decoded),
+               ("encode", finished - resized))
+    return Rendered(data, spec.format if not _wants_png(image, spec) else "png",
+                    image.width, image.height, quality, source_size, timings)
+
+
+def _upright_size(image):
+    """The source's size as a person sees it, after its EXIF orientation."""
+    width, height = image.size
+    return (height, width) if _orientation(image) in (5, 6, 7, 8) else (width, height)
+
+
+def _orientation(image):
+    """The EXIF orientation, 1 when absent, invalid or unreadable (never an error)."""
+    try:
+        value = image.getexif().get(EXIF_ORIENTATION, 1)
+    except Exception:  # any broken EXIF block means "no orientation", by design
+        return 1
+    return value if value in ORIENTATIONS else 1
+
+
+def output_geometry(size, spec):
+    """(resized size, final size) for an upright source of `size` under `spec`."""
+    width, height = size
+    box_width, box_height = spec.width, spec.height
+    if not box_width and not box_height:
+        return size, size
+    if spec.fit == "fill" and box_width and box_height:
+        return (box_width, box_height), (box_width, box_height)
+    scales = [side / source for side, source in ((box_width, width), (box_height, height)) if side]
+    scale = max(scales) if spec.fit == "cover" and len(scales) == 2 else min(scales)
+    if not spec.upscale:
+        scale = min(scale, 1.0)
+    resized = (max(1, round(width * scale)), max(1, round(height * scale)))
+    if spec.fit == "cover" and box_width and box_height:
+        return resized, (min(box_width, resized[0]), min(box_height, resized[1]))
+    if spec.fit == "pad":
+        return resized, (box_width or resized[0], box_height or resized[1])
+    return resized, resized
+
+
+def decode(image, spec):
+    """Shrink-on-load (JPEG DCT scaling to about the target size), then decode."""
+    if image.format == "JPEG" and (spec.width or spec.height):
+        (width, height), _ = output_geometry(_upright_size(image), spec)
+        if _orientation(image) in (5, 6, 7, 8):
+            width, height = height, width
+        image.draft(None, (math.ceil(width * DRAFT_FACTOR), math.ceil(height * DRAFT_FACTOR)))
+    image.load()
+    return image
+
+
+def orient(image, spec):
+    """Apply the EXIF orientation, so width and height mean the upright image."""
+    transpose = ORIENTATIONS.get(_orientation(image))
+    return image.transpose(transpose) if transpose is not None else image
+
+
+def to_srgb(image, spec):
+    """Bring any mode and embedded profile to sRGB (or grey) 8-bit, keeping alpha."""
+    profile = image.info.get("icc_profile")
+    image = _to_working_mode(image)
+    if profile and image.mode in ("RGB", "RGBA", "CMYK", "L", "LA"):
+        image = _apply_profile(image, profile)
+    if image.mode == "CMYK":
+        image = image.convert("RGB")
+    return image
+
+
+#: Modes the pipeline works in, and how each other mode gets there.
+_WORKING_MODES = {"1": "L", "P": None, "PA": "RGBA", "La": "LA", "RGBa": "RGBA",
+                  "RGBX": "RGB", "YCbCr": "RGB", "LAB": "RGB", "HSV": "RGB"}
+
+
+def _to_working_mode(image):
+    if image.mode in ("L", "LA", "RGB", "RGBA", "CMYK"):
+        return image
+    if image.mode == "P":
+        return image.convert("RGBA" if image.has_transparency_data else "RGB")
+    if image.mode.startswith("I") or image.mode == "F":
+        # 16- and 32-bit grey: scale to 8 bits rather than clip at 255
+        high = 65535 if image.mode.startswith("I;16") or (image.getextrema()[1] > 255) else 255
+        return image.convert("I").point(lambda value: value * (255 / high)).convert("L")
+    return image.convert(_WORKING_MODES.get(image.mode, "RGB"))
+
+
+def _apply_profile(image, profile_bytes):
+    """Convert from an embedded ICC profile to sRGB; an unusable profile is ignored."""
+    alpha = image.getchannel("A") if image.mode in ("RGBA", "LA") else None
+    base = image.convert(image.mode[:-1]) if alpha else image
+    try:
+        transform = _srgb_transform(profile_bytes, base.mode)
+    except (ImageCms.PyCMSError, OSError, ValueError) as error:
+        log.info("ignoring an unusable ICC profile: %s", error)
+        return image
+    if transform is None:
+        return image
+    converted = ImageCms.applyTransform(base, transform)
+    if base.mode == "L":
+        # a grey profile maps to neutral sRGB: keep one channel
+        converted = converted.convert("L")
+    if alpha:
+        converted.putalpha(alpha)
+    return converted
+
+
+#: LittleCMS transforms to sRGB, by (profile digest, mode): built once per profile.
+_transforms = {}
+
+_SRGB_PROFILE = ImageCms.createProfile("sRGB")
+
+
+def _srgb_transform(profile_bytes, mode):
+    """A cached transform from this profile to sRGB; None when none is needed."""
+    digest = (hashlib.sha1(profile_bytes).digest(), mode)
+    if digest not in _transforms:
+        source = ImageCms.ImageCmsProfile(io.BytesIO(profile_bytes))
+        space = source.profile.xcolor_space.strip()
+        expected = {"L": "GRAY", "RGB": "RGB", "CMYK": "CMYK"}[mode]
+        if space != expected or _is_srgb(source):
+            _transforms[digest] = None
+        else:
+            _transforms[digest] = ImageCms.buildTransform(
+                source, _SRGB_PROFILE, mode, "RGB",
+                renderingIntent=ImageCms.Intent.PERCEPTUAL)
+    return _transforms[digest]
+
+
+def _is_srgb(profile):
+    description = (profile.profile.profile_description or "").lower()
+    return "srgb" in description
+
+
+def resize(image, spec):
+    """One resample to the planned size (premultiplied alpha, done by Pillow)."""
+    size, _ = output_geometry(image.size, spec)
+    if size == image.size:
+        return image
+    return image.resize(size, Image.Resampling.LANCZOS, reducing_gap=REDUCING_GAP)
+
+
+def crop_or_pad(image, spec):
+    """`cover` crops the overflow by gravity; `pad` centres the image on bg."""
+    if spec.fit not in ("cover", "pad"):
+        return image
+    final = (spec.width or image.width, spec.height or image.height)
+    if spec.fit == "cover":
+        final = (min(final[0], image.width), min(final[1], image.height))
+    if final == image.size:
+        return image
+    across, down = GRAVITIES[spec.gravity]
+    left = round((image.width - final[0]) * across)
+    top = round((image.height - final[1]) * down)
+    if spec.fit == "cover":
+        return image.crop((left, top, left + final[0], top + final[1]))
+    mode = image.mode if image.mode in ("RGB", "RGBA") else "RGBA"
+    canvas = Image.new(mode, final, "#" + spec.bg)
+    canvas.paste(image.convert("RGBA"), (-left, -top), image.convert("RGBA"))
+    return canvas
+
+
+def flatten(image, spec):
+    """Put transparent pixels on bg where the output format has no alpha."""
+    if image.mode not in ("RGBA", "LA") or _keeps_alpha(image, spec):
+        return image
+    background = Image.new("RGB", image.size, "#" + spec.bg)
+    background.paste(image, mask=image.getchannel("A"))
+    if image.mode == "LA" and len(set(bytes.fromhex(spec.bg))) == 1:
+        return background.convert("L")
+    return background
+
+
+def _keeps_alpha(image, spec):
+    return FORMATS[spec.format][2] or _wants_png(image, spec)
+
+
+def _wants_png(image, spec):
+    return spec.png_for_alpha and image.mode in ("RGBA", "LA")
+
+
+#: The image work, in order; each step is (image, spec) -> image.
+PIPELINE = (orient, to_srgb, resize, crop_or_pad, flatten)
+
+
+def encode(image, spec):
+    """Encode, then keep within the byte budget: lower quality, then scale down.
+
+    Returns (bytes, the image encoded, the quality used).
+    """
+    data = _save(image, spec, spec.quality)
+    if not spec.max_bytes or len(data) <= spec.max_bytes or not _is_lossy(image, spec):
+        return data, image, spec.quality
+    data, quality = _search_quality(image, spec, data)
+    for _ in range(BUDGET_SCALE_STEPS):
+        if len(data) <= spec.max_bytes or min(image.size) <= 16:
+            break
+        # bytes grow about with pixel count: aim a little under the budget
+        scale = max(0.5, min(0.9, math.sqrt(spec.max_bytes / len(data)) * 0.95))
+        image = image.resize((max(1, round(image.width * scale)),
+                              max(1, round(image.height * scale))), Image.Resampling.LANCZOS)
+        data = _save(image, spec, quality)
+    if len(data) > spec.max_bytes:
+        log.warning("cannot fit %s into %d bytes: sending %d bytes at %dx%d",
+                    spec.name, spec.max_bytes, len(data), image.width, image.height)
+    return data, image, quality
+
+
+def _search_quality(image, spec, data):
+    """Bisect quality between min_quality and quality (at most about four encodes)."""
+    low, high = spec.min_quality, spec.quality - 1
+    best_data, best_quality = None, None
+    while low <= high:
+        quality = (low + high) // 2
+        candidate = _save(image, spec, quality)
+        if len(candidate) <= spec.max_bytes:
+            best_data, best_quality, low = candidate, quality, quality + 1
+        else:
+            high = quality - 1
+        if high - low < 4 and best_data is not None:
+            break
+    if best_data is None:
+        return _save(image, spec, spec.min_quality), spec.min_quality
+    return best_data, best_quality
+
+
+def _is_lossy(image, spec):
+    return not _wants_png(image, spec) and spec.format in ("jpeg", "webp")
+
+
+def _save(image, spec, quality):
+    """Encode with settings per format; no metadata from the source is carried."""
+    buffer = io.BytesIO()
+    if _wants_png(image, spec) or spec.format == "png":
+        image.save(buffer, "PNG", optimize=True)
+    elif spec.format == "webp":
+        image.save(buffer, "WEBP", quality=quality, method=4)
+    else:
+        image.save(buffer, "JPEG", quality=quality, optimize=True,
+                   progressive=image.width * image.height >= PROGRESSIVE_MIN_PIXELS,
+                   subsampling="4:4:4" if quality >= FULL_CHROMA_QUALITY else "4:2:0")
+    return buffer.getvalue()
+
+
+# --- responses ----------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Response:
+    status: int
+    headers: tuple
+    body: bytes = b""
+
+
+def image_response(spec, source, rendered, config, key):
+    """200 with the encoded image and every header caches and browsers need."""
+    timing = ", ".join(f"{name};dur={seconds * 1000:.1f}" for name, seconds in rendered.timings)
+    headers = _image_headers(spec, config.cache_max_age, FORMATS[rendered.format][1]) + (
+        ("X-Image-Key", key),
+        ("ETag", f'"{key}"'),
+        ("Last-Modified", http_date(source.mtime)),
+        ("Server-Timing", timing),
+        ("X-Image-Size", f"{rendered.width}x{rendered.height}"),
+        ("X-Image-Quality", str(rendered.quality)),
+        ("X-Image-Network", spec.network),
+    )
+    return Response(200, headers, rendered.data)
+
+
+def not_modified_response(spec, source, config, key):
+    headers = tuple(h for h in _image_headers(spec, config.cache_max_age, None) if h[0])
+    return Response(304, headers + (("X-Image-Key", key), ("ETag", f'"{key}"'),
+                                    ("Last-Modified", http_date(source.mtime))))
+
+
+def _image_headers(spec, max_age, content_type):
+    headers = (("Cache-Control", f"public, max-age={max_age}"),
+               ("Accept-CH", ", ".join(CLIENT_HINTS)))
+    if content_type:
+        headers = (("Content-Type", content_type),) + headers
+    if spec and spec.vary:
+        headers += (("Vary", ", ".join(spec.vary)),)
+    return headers
+
+
+def error_response(error, spec, config):
+    """The one place an HTTPError becomes a response."""
+    headers = (("Cache-Control", f"public, max-age={config.error_max_age}"),)
+    if isinstance(error, MethodNotAllowed):
+        return Response(405, headers + (("Allow", "GET, HEAD"), ("Content-Type", "text/plain")))
+    if error.image is None:
+        return Response(error.status, headers + (("Content-Type", "text/plain; charset=utf-8"),),
+                        (error.message + "\n").encode())
+    data, content_type = _error_image(getattr(config, error.image), spec, config)
+    if error.status != 404:
+        headers += (("X-Image-Error", error.message),)
+    if spec and spec.vary:
+        headers += (("Vary", ", ".join(spec.vary)),)
+    return Response(error.status, headers + (("Content-Type", content_type),), data)
+
+
+def _error_image(path, spec, config):
+    """The error picture fitted to the request, or as it is if that fails too."""
+    try:
+        with open(path, "rb") as file:
+            data = file.read()
+    except OSError:
+        log.exception("cannot read the error image %s", path)
+        return b"", "image/png"
+    if spec is None:
+        return data, "image/png"
+    try:
+        rendered = render(data, dataclasses.replace(spec, upscale=True, max_bytes=0), config)
+    except Exception:
+        log.exception("cannot render the error image %s", path)
+        return data, "image/png"
+    return rendered.data, FORMATS[rendered.format][1]
+
+
+def health_response(config):
+    """JSON about this server: version, Pillow build, config in use."""
+    body = json.dumps({
+        "status": "ok",
+        "version": VERSION,
+        "pillow": pillow_build(),
+        "config": config.path,
+        "image_root": config.image_root,
+    }, indent=2).encode() + b"\n"
+    return Response(200, (("Content-Type", "application/json"),
+                          ("Cache-Control", "no-store")), body)
+
+
+def pillow_build():
+    """Which PIL is loaded: its version, whether it is Pillow-SIMD, how it was built."""
+    from importlib import metadata
+    simd = True
+    try:
+        metadata.distribution("Pillow-SIMD")
+    except metadata.PackageNotFoundError:
+        simd = False
+    build = {}
+    record = os.path.join(sys.prefix, "dynimg-build.json")
+    if os.path.exists(record):
+        with open(record, encoding="utf-8") as file:
+            build = json.load(file)
+    return {"version": Image.__version__, "simd": simd, "avx2": build.get("avx2"),
+            "built_with": build.get("cc")}
+
+
+# --- WSGI application -----------------------------------------------------------
+
+_config = None
+
+
+def get_config():
+    """The config, loaded (and logging set up) on first use in this process."""
+    global _config
+    if _config is None:
+        config = load_config()
+        configure_logging(config)
+        apply_limits(config)
+        _config = config
+    return _config
+
+
+def serve_image(spec, environ, config):
+    """Answer one image request: 304 if the client has it, else render."""
+    source = open_source(spec, config)
+    key = spec.key(source.identity)
+    if is_not_modified(environ.get("HTTP_IF_NONE_MATCH"), f'"{key}"'):
+        return not_modified_response(spec, source, config, key)
+    rendered = render(source.data, spec, config)
+    return image_response(spec, source, rendered, config, key)
+
+
+#: Paths that are the server's own pages rather than image names.
+PAGES = {"/_health": lambda environ, config: health_response(config)}
+
+
+def handle(environ, config, parsed):
+    """Route one request to a page or an image; `parsed` receives the spec."""
+    if environ.get("REQUEST_METHOD", "GET") not in ("GET", "HEAD"):
+        raise MethodNotAllowed("method not allowed")
+    path = environ.get("PATH_INFO", "")
+    if path.startswith("/_"):
+        page = PAGES.get(path)
+        if page is None:
+            raise NotFound("no such page")
+        return page(environ, config)
+    parsed.append(parse_spec(environ, config))
+    return serve_image(parsed[0], environ, config)
+
+
+def application(environ, start_response):
+    """The WSGI callable: parse, handle, turn errors into responses, respond."""
+    started = time.perf_counter()
+    config = get_config()
+    parsed = []
+    try:
+        response = handle(environ, config, parsed)
+    except HTTPError as error:
+        if error.status >= 500 or error.detail != error.message:
+            log.info("%s: %s", error.status, error.detail)
+        response = error_response(error, parsed[0] if parsed else None, config)
+    except MemoryError:
+        raise
+    except Exception:
+        log.exception("unexpected error for %s?%s", environ.get("PATH_INFO"),
+                      environ.get("QUERY_STRING"))
+        response = error_response(InternalError("internal error"),
+                                  parsed[0] if parsed else None, config)
+    headers = list(response.headers) + [("Content-Length", str(len(response.body)))]
+    start_response(f"{response.status} {http.HTTPStatus(response.status).phrase}", headers)
+    log.info("%s %s?%s %d %d bytes key=%s %.0f ms", environ.get("REQUEST_METHOD"),
+             environ.get("PATH_INFO"), environ.get("QUERY_STRING", ""), response.status,
+             len(response.body), dict(response.headers).get("X-Image-Key", "-"),
+             (time.perf_counter() - started) * 1000)
+    if environ.get("REQUEST_METHOD") == "HEAD" or response.status == 304:
+        return []
+    return [response.body]
+
+
+# --- command line -------------------------------------------------------------
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="dynimg", description=__doc__.split("\n")[0])
+    parser.add_argument("--config", help="path of dynimg.ini (default: DYNIMG_CONFIG or beside "
+                        "dynimg.py)")
+    commands = parser.add_subparsers(dest="command", required=True)
+    serve = commands.add_parser("serve", help="serve with wsgiref, for a local try")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000)
+    commands.add_parser("check", help="check the config and exit")
+    render_command = commands.add_parser("render", help="run the pipeline on one image offline")
+    render_command.add_argument("name")
+    render_command.add_argument("-o", "--output", required=True)
+    for option in ("width", "height", "fit", "gravity", "quality", "format", "bandwidth",
+                   "screensize", "dpr", "bg"):
+        render_command.add_argument("--" + option)
+    render_command.add_argument("--forcefit", action="store_true")
+    render_command.add_argument("--upscale", action="store_true")
+    args = parser.parse_args(argv)
+    if args.config:
+        os.environ["DYNIMG_CONFIG"] = os.path.abspath(args.config)
+    try:
+        config = get_config()
+    except ConfigError as error:
+        print(f"dynimg: {error}", file=sys.stderr)
+        return 2
+    return COMMANDS[args.command](args, config)
+
+
+def _command_check(args, config):
+    print(f"{config.path}: ok (image root {config.image_root})")
+    return 0
+
+
+def _command_serve(args, config):
+    from wsgiref.simple_server import make_server, WSGIRequestHandler
+
+    def mounted(environ, start_response):
+        # mimic WSGIScriptAlias /images: the app sees the rest of the path
+        path = environ.get("PATH_INFO", "")
+        if path != "/images" and not path.startswith("/images/"):
+            start_response("404 Not Found", [("Content-Type", "text/plain")])
+            return [b"dynimg is mounted at /images/\n"]
+        environ["SCRIPT_NAME"], environ["PATH_INFO"] = "/images", path[len("/images"):]
+        return application(environ, start_response)
+
+    class QuietHandler(WSGIRequestHandler):
+        def log_message(self, *args):
+            pass  # the app logs each request itself
+
+    with make_server(args.host, args.port, mounted, handler_class=QuietHandler) as server:
+        print(f"dynimg serving {config.image_root} at http://{args.host}:{args.port}/images/")
+        server.serve_forever()
+    return 0
+
+
+def _command_render(args, config):
+    params = {name: value for name, value in vars(args).items()
+              if name in PARAMETERS and name != "name" and value not in (None, False)}
+    params.update({"forcefit": "1"} if args.forcefit else {})
+    params.update({"upscale": "1"} if args.upscale else {})
+    environ = {"REQUEST_METHOD": "GET", "PATH_INFO": "/" + args.name,
+               "QUERY_STRING": urllib.parse.urlencode(params)}
+    try:
+        spec = parse_spec(environ, config)
+        source = open_source(spec, config)
+        started = time.perf_counter()
+        rendered = render(source.data, spec, config)
+    except HTTPError as error:
+        print(f"dynimg: {error.status}: {error.message}", file=sys.stderr)
+        return 1
+    elapsed = (time.perf_counter() - started) * 1000
+    with open(args.output, "wb") as output:
+        output.write(rendered.data)
+    print(f"{spec.name}: {rendered.source_size[0]}x{rendered.source_size[1]} -> "
+          f"{rendered.width}x{rendered.height} {rendered.format} q{rendered.quality}, "
+          f"{len(rendered.data)} bytes, {elapsed:.0f} ms -> {args.output}")
+    return 0
+
+
+COMMANDS = {"serve": _command_serve, "check": _command_check, "render": _command_render}
+
+if __name__ == "__main__":
+    sys.exit(main())
