@@ -5,6 +5,13 @@ import os
 import pytest
 
 import dynimg
+from conftest import PROJECT
+
+
+@pytest.fixture(scope="module")
+def config():
+    """The shipped dynimg.ini: these tables need no corpus."""
+    return dynimg.load_config(os.path.join(PROJECT, "dynimg.ini"))
 
 
 def spec_for(config, query="", path="/", **headers):
