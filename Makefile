@@ -9,14 +9,15 @@ VENV := .venv
 DEBIAN_PACKAGES := apache2 apache2-dev build-essential python3-dev python3-venv \
 	libjpeg-dev zlib1g-dev libpng-dev libwebp-dev libtiff-dev liblcms2-dev \
 	libfreetype-dev libopenjp2-7-dev
-TEST_DEBIAN_PACKAGES :=
+TEST_DEBIAN_PACKAGES := chromium
 
 RUN_AS := $(if $(filter 0,$(shell id -u)),--user www-data --group www-data)
 
 .PHONY: serve test setup debs access clean
 
 serve: setup
-	$(VENV)/bin/python dynimg.py check
+	@$(VENV)/bin/python dynimg.py check
+	@echo "dynimg: serving at http://$(HOST):$(PORT)/images/ (try /images/sunset.jpg?width=340)"
 	$(VENV)/bin/mod_wsgi-express start-server dynimg.wsgi --host $(HOST) --port $(PORT) \
 		--mount-point /images --processes $(PROCESSES) --threads $(THREADS) $(RUN_AS) \
 		--server-root /tmp/dynimg-$(PORT) --log-to-terminal

@@ -22,6 +22,7 @@ import configparser
 import dataclasses
 import email.utils
 import hashlib
+import html
 import http
 import io
 import json
@@ -229,13 +230,13 @@ DEFAULTS = {
         "allowed_hosts": "",
     },
     "network.default": {"quality": "80", "min_quality": "60", "max_bytes": "0", "max_dpr": "3"},
-    "network.save-data": {"quality": "50", "min_quality": "30", "max_bytes": "40000",
+    "network.save-data": {"quality": "45", "min_quality": "30", "max_bytes": "30000",
                           "max_dpr": "1"},
-    "network.slow-2g": {"quality": "45", "min_quality": "25", "max_bytes": "12000",
+    "network.slow-2g": {"quality": "40", "min_quality": "30", "max_bytes": "10000",
                         "max_dpr": "1"},
-    "network.2g": {"quality": "50", "min_quality": "30", "max_bytes": "20000", "max_dpr": "1"},
-    "network.3g": {"quality": "70", "min_quality": "45", "max_bytes": "100000", "max_dpr": "2"},
-    "network.4g": {"quality": "80", "min_quality": "60", "max_bytes": "400000", "max_dpr": "3"},
+    "network.2g": {"quality": "45", "min_quality": "30", "max_bytes": "16000", "max_dpr": "1"},
+    "network.3g": {"quality": "65", "min_quality": "45", "max_bytes": "120000", "max_dpr": "2"},
+    "network.4g": {"quality": "78", "min_quality": "60", "max_bytes": "500000", "max_dpr": "3"},
     "network.wifi": {"quality": "82", "min_quality": "65", "max_bytes": "0", "max_dpr": "4"},
 }
 
@@ -1189,6 +1190,84 @@ def health_response(config):
                           ("Cache-Control", "no-store")), body)
 
 
+#: The classes the demo page shows side by side, slowest first.
+DEMO_CLASSES = ("slow-2g", "2g", "3g", "4g", "wifi")
+
+#: Typical throughput of each class in kbit/s (the Network Information API's
+#: ECT figures; 4g and wifi are ordinary figures), for the demo's arrival times.
+TYPICAL_KBITS = {"slow-2g": 50, "2g": 70, "3g": 700, "4g": 4000, "wifi": 20000}
+
+
+def demo_response(environ, config):
+    """An HTML page showing one image as each network class would receive it."""
+    params = _parse_query(environ.get("QUERY_STRING", ""))
+    width = _int_param(params, "width", 1, config.max_width, 640)
+    if "name" not in params:
+        raise BadRequest("name: required, such as /_demo?name=sunset.jpg")
+    base = environ.get("SCRIPT_NAME", "") + "/" + urllib.parse.quote(_check_name(params["name"]))
+    figures = [_demo_figure(environ, config, base, f"bandwidth={network}&width={width}",
+                            network) for network in DEMO_CLASSES if network in config.profiles]
+    yours = _demo_figure(environ, config, base, f"width={width}", "yours", panel=True)
+    body = DEMO_PAGE.format(name=html.escape(params["name"]), width=width,
+                            figures="\n".join(figures), yours=yours).encode()
+    hints = ", ".join(CLIENT_HINTS)
+    return Response(200, (("Content-Type", "text/html; charset=utf-8"),
+                          ("Accept-CH", hints), ("Critical-CH", "ECT, Save-Data, Sec-CH-DPR"),
+                          ("Vary", ", ".join(_DEMO_VARY)),
+                          ("Cache-Control", "no-store")), body)
+
+
+#: The hints the demo page itself reads (it shows what this browser selected).
+_DEMO_VARY = ("ECT", "Downlink", "Save-Data", "Sec-CH-DPR", "DPR", "Sec-CH-Viewport-Width",
+              "Viewport-Width")
+
+
+def _demo_figure(environ, config, base, query, label, panel=False):
+    """One <figure>: the image URL and what the server sends for it, rendered here."""
+    request = dict(environ, PATH_INFO=base[len(environ.get("SCRIPT_NAME", "")):],
+                   QUERY_STRING=query)
+    spec = parse_spec(request, config)
+    rendered = render(open_source(spec, config).data, spec, config)
+    seconds = len(rendered.data) * 8 / 1000 / TYPICAL_KBITS.get(spec.network, 4000)
+    facts = (f'<span class="network">{html.escape(spec.network)}</span>: '
+             f'<span class="bytes">{len(rendered.data):,}</span> bytes, '
+             f'{rendered.width}×{rendered.height} px, quality {rendered.quality}, '
+             f'~{seconds:.1f} s at {spec.network if spec.network in TYPICAL_KBITS else "4g"}')
+    if panel:
+        facts += (f'<br>dpr {spec.dpr:g}; this URL varies on: '
+                  f'{html.escape(", ".join(spec.vary) or "nothing")}')
+    url = html.escape(f"{base}?{query}")
+    return (f'<figure id="{label}"><img src="{url}" alt="{label}">'
+            f'<figcaption><a href="{url}"><code>{url}</code></a><br>{facts}</figcaption></figure>')
+
+
+DEMO_PAGE = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>dynimg: {name} on every network</title>
+<style>
+body {{ font: 15px/1.4 system-ui, sans-serif; margin: 1.5em; color: #263238; }}
+main {{ display: flex; flex-wrap: wrap; gap: 1.2em; align-items: flex-start; }}
+figure {{ margin: 0; width: 300px; }}
+figure img {{ width: 300px; height: auto; background: #eceff1; display: block; }}
+figcaption {{ font-size: 13px; margin-top: .4em; }}
+figcaption code {{ font-size: 11px; word-break: break-all; }}
+#panel {{ background: #eceff1; padding: 1em; margin-bottom: 1.5em; }}
+.network {{ font-weight: bold; }}
+</style></head><body>
+<h1>{name}, {width} CSS px wide, as each network class receives it</h1>
+<section id="panel"><h2>Your browser</h2>
+<p>Without <code>bandwidth=</code> in the URL, dynimg reads your browser's client hints
+(ECT, Downlink, Save-Data, DPR, Viewport-Width). They selected:</p>
+{yours}
+</section>
+<main>
+{figures}
+</main>
+</body></html>
+"""
+
+
 def pillow_build():
     """Which PIL is loaded: its version, whether it is Pillow-SIMD, how it was built."""
     from importlib import metadata
@@ -1233,7 +1312,8 @@ def serve_image(spec, environ, config):
 
 
 #: Paths that are the server's own pages rather than image names.
-PAGES = {"/_health": lambda environ, config: health_response(config)}
+PAGES = {"/_health": lambda environ, config: health_response(config),
+         "/_demo": demo_response}
 
 
 def handle(environ, config, parsed):
@@ -1270,10 +1350,10 @@ def application(environ, start_response):
                                   parsed[0] if parsed else None, config)
     headers = list(response.headers) + [("Content-Length", str(len(response.body)))]
     start_response(f"{response.status} {http.HTTPStatus(response.status).phrase}", headers)
-    log.info("%s %s?%s %d %d bytes key=%s %.0f ms", environ.get("REQUEST_METHOD"),
+    log.info("%s %s?%s %d %d bytes net=%s key=%s %.0f ms", environ.get("REQUEST_METHOD"),
              environ.get("PATH_INFO"), environ.get("QUERY_STRING", ""), response.status,
-             len(response.body), dict(response.headers).get("X-Image-Key", "-"),
-             (time.perf_counter() - started) * 1000)
+             len(response.body), parsed[0].network if parsed else "-",
+             dict(response.headers).get("X-Image-Key", "-"), (time.perf_counter() - started) * 1000)
     if environ.get("REQUEST_METHOD") == "HEAD" or response.status == 304:
         return []
     return [response.body]

@@ -1,0 +1,248 @@
+"""Network- and screen-aware delivery: classes, hints, byte budgets, Vary, the demo."""
+
+import io
+import os
+import re
+import shutil
+import tempfile
+import time
+
+import pytest
+from PIL import Image
+
+import dynimg
+from conftest import PROJECT
+
+HINTS = ("ECT", "Downlink", "Save-Data", "Sec-CH-DPR", "Sec-CH-Viewport-Width", "Sec-CH-Width")
+
+
+@pytest.fixture(scope="module")
+def shipped():
+    """The shipped dynimg.ini, whose profiles these tests hold to."""
+    return dynimg.load_config(os.path.join(PROJECT, "dynimg.ini"))
+
+
+def spec_for(config, query, **headers):
+    environ = {"REQUEST_METHOD": "GET", "PATH_INFO": "/a.jpg", "QUERY_STRING": query}
+    environ.update({"HTTP_" + k.upper().replace("-", "_"): v for k, v in headers.items()})
+    return dynimg.parse_spec(environ, config)
+
+
+@pytest.mark.parametrize("query, headers, network", [
+    ("", {}, "default"),
+    ("bandwidth=3g", {}, "3g"),
+    ("", {"ECT": "2g"}, "2g"),
+    ("", {"ECT": "slow-2g"}, "slow-2g"),
+    ("", {"ECT": "4G"}, "4g"),
+    ("bandwidth=wifi", {"ECT": "2g"}, "wifi"),          # the URL beats a header
+    ("", {"Save-Data": "on"}, "save-data"),
+    ("", {"Save-Data": "on", "ECT": "4g"}, "save-data"),
+    ("", {"Save-Data": "off", "ECT": "3g"}, "3g"),
+    ("", {"Downlink": "0.06"}, "2g"),
+    ("", {"Downlink": "0.5"}, "3g"),
+    ("", {"Downlink": "25"}, "4g"),
+    ("", {"ECT": "3g", "Downlink": "0.01"}, "3g"),      # ECT decides before Downlink
+    ("", {"ECT": "5g"}, "default"),                     # garbage is ignored
+    ("", {"ECT": "\x00"}, "default"),
+    ("", {"Downlink": "fast"}, "default"),
+    ("", {"Downlink": "-1"}, "default"),
+    ("", {"Downlink": "nan"}, "default"),
+])
+def test_network_class_comes_from_the_url_then_the_hints(shipped, query, headers, network):
+    assert spec_for(shipped, query, **headers).network == network
+
+
+@pytest.mark.parametrize("query, headers, width, dpr", [
+    ("width=300", {}, 300, 1.0),
+    ("width=300&dpr=2", {}, 600, 2.0),
+    ("width=300", {"Sec-CH-DPR": "2"}, 600, 2.0),
+    ("width=300", {"DPR": "2.625"}, 900, 3.0),              # snapped up to a dpr step
+    ("width=300&dpr=1", {"Sec-CH-DPR": "3"}, 300, 1.0),     # the URL beats a header
+    ("width=300", {"Sec-CH-DPR": "abc"}, 300, 1.0),         # garbage is ignored
+    ("width=300", {"Sec-CH-DPR": "1e9"}, 300, 1.0),
+    ("width=300&dpr=3&bandwidth=2g", {}, 300, 1.0),         # 2g caps dpr at 1
+    ("width=300&bandwidth=3g", {"Sec-CH-DPR": "3"}, 600, 2.0),
+    ("", {"Sec-CH-Width": "517"}, 540, 1.0),                # device px, snapped up
+    ("", {"Width": "99999"}, 3840, 1.0),                    # clamped to the last step
+    ("", {"Sec-CH-Width": "-3"}, None, 1.0),
+    ("width=4000&dpr=4", {}, 4000, 3.0),                    # clamped: max_width, max_dpr
+])
+def test_dpr_and_width_hints(shipped, query, headers, width, dpr):
+    spec = spec_for(shipped, query, **headers)
+    assert (spec.width, spec.dpr) == (width, dpr)
+
+
+@pytest.mark.parametrize("query, headers, box", [
+    ("screensize=mobile", {}, (360, 800)),
+    ("screensize=mobile&dpr=2", {}, (720, 1600)),
+    ("screensize=1024x768", {}, (1024, 768)),
+    ("screensize=mobile&width=1000", {}, (360, None)),       # capped at the screen
+    ("screensize=mobile&width=200&height=300", {}, (200, 300)),
+    ("width=2000", {"Sec-CH-Viewport-Width": "412"}, (480, None)),  # viewport snapped up
+    ("width=2000", {"Sec-CH-Viewport-Width": "412", "Sec-CH-DPR": "2"}, (960, None)),
+    ("", {"Viewport-Width": "375"}, (400, None)),
+    ("width=200", {"Viewport-Width": "zzz"}, (200, None)),
+])
+def test_screen_caps_the_box(shipped, query, headers, box):
+    spec = spec_for(shipped, query, **headers)
+    assert (spec.width, spec.height) == box
+
+
+@pytest.mark.parametrize("query, headers, vary", [
+    ("width=300&bandwidth=3g&dpr=1", {}, {"Sec-CH-Viewport-Width", "Viewport-Width"}),
+    ("width=300&bandwidth=3g&dpr=1&screensize=mobile", {}, set()),
+    ("width=300&dpr=1&screensize=mobile", {"ECT": "2g"}, {"ECT", "Save-Data"}),
+    ("width=300&dpr=1&screensize=mobile", {}, {"ECT", "Save-Data", "Downlink"}),
+    ("width=300&bandwidth=3g&screensize=mobile", {}, {"Sec-CH-DPR", "DPR"}),
+    ("width=300&bandwidth=3g&dpr=2", {}, {"Sec-CH-Viewport-Width", "Viewport-Width"}),
+    ("bandwidth=3g&dpr=1&screensize=mobile", {}, {"Sec-CH-Width", "Width"}),
+    ("width=300&bandwidth=3g&dpr=1&screensize=mobile&format=auto", {}, {"Accept"}),
+])
+def test_vary_names_exactly_the_headers_that_could_change_the_answer(shipped, query, headers,
+                                                                        vary):
+    assert set(spec_for(shipped, query, **headers).vary) == vary
+
+
+def test_a_hint_and_the_equivalent_parameter_share_a_key(shipped):
+    identity = ("a.jpg", 1, 1)
+    by_hint = spec_for(shipped, "width=300", ECT="3g", **{"Sec-CH-DPR": "2"})
+    by_url = spec_for(shipped, "width=300&bandwidth=3g&dpr=2")
+    assert by_hint.key(identity) == by_url.key(identity)
+
+
+PHOTOS = ["photo-large-1.jpg", "photo-large-3.jpg", "photo-phone.jpg", "photo-medium-2.jpg"]
+
+
+@pytest.mark.parametrize("name", PHOTOS)
+@pytest.mark.parametrize("width", [360, 800, 1600])
+def test_budgets_hold_and_bytes_grow_with_the_class(shipped, corpus, name, width):
+    with open(os.path.join(corpus, name), "rb") as file:
+        data = file.read()
+    sizes = {}
+    for network in ("slow-2g", "2g", "3g", "4g", "wifi"):
+        spec = spec_for(shipped, f"bandwidth={network}&width={width}")
+        rendered = dynimg.render(data, spec, shipped)
+        budget = shipped.profiles[network].max_bytes
+        assert not budget or len(rendered.data) <= budget, (network, len(rendered.data))
+        assert rendered.quality >= shipped.profiles[network].min_quality
+        Image.open(io.BytesIO(rendered.data)).load()
+        sizes[network] = len(rendered.data)
+    assert sizes["2g"] < sizes["3g"] < sizes["4g"] <= sizes["wifi"]
+    assert sizes["slow-2g"] <= sizes["2g"]
+
+
+def test_budget_search_scales_down_when_quality_alone_cannot_fit(shipped, corpus):
+    with open(os.path.join(corpus, "photo-large-1.jpg"), "rb") as file:
+        data = file.read()
+    spec = spec_for(shipped, "bandwidth=slow-2g&width=1600")
+    rendered = dynimg.render(data, spec, shipped)
+    assert len(rendered.data) <= spec.max_bytes
+    assert rendered.width < 1600 and rendered.quality == spec.min_quality
+
+
+def test_budget_search_encodes_a_few_times_only(shipped, corpus, monkeypatch):
+    with open(os.path.join(corpus, "photo-large-2.jpg"), "rb") as file:
+        data = file.read()
+    calls = []
+    save = dynimg._save
+    monkeypatch.setattr(dynimg, "_save", lambda *args: calls.append(1) or save(*args))
+    dynimg.render(data, spec_for(shipped, "bandwidth=2g&width=640"), shipped)
+    assert 1 < len(calls) <= 6
+
+
+def test_an_image_that_cannot_fit_is_sent_and_logged(shipped, corpus, caplog):
+    tight = dynimg.dataclasses.replace(spec_for(shipped, "bandwidth=2g&width=800"), max_bytes=50)
+    with open(os.path.join(corpus, "photo-medium-2.jpg"), "rb") as file:
+        data = file.read()
+    with caplog.at_level("WARNING", logger="dynimg"):
+        dynimg.log.propagate = True
+        try:
+            rendered = dynimg.render(data, tight, shipped)
+        finally:
+            dynimg.log.propagate = False
+    assert rendered.data and "cannot fit" in caplog.text
+
+
+def test_image_responses_ask_for_hints_and_vary(app):
+    reply = app.request("/photo-medium-1.jpg", "width=200", headers={"ECT": "2g"})
+    assert reply.status == 200
+    assert [h.strip() for h in reply.headers["Accept-CH"].split(",")] == list(HINTS)
+    assert "ECT" in reply.headers["Vary"] and "Downlink" not in reply.headers["Vary"]
+    assert reply.headers["X-Image-Network"] == "2g"
+    pinned = app.request("/photo-medium-1.jpg", "width=200&bandwidth=3g&dpr=1&screensize=mobile")
+    assert "Vary" not in pinned.headers and "Accept-CH" in pinned.headers
+
+
+@pytest.mark.parametrize("headers", [{"ECT": "\u00ff" * 50}, {"Sec-CH-DPR": "1" * 500},
+                                     {"Downlink": "1e400"}, {"Sec-CH-Width": "0x10"},
+                                     {"Viewport-Width": "-0"}, {"Save-Data": "maybe"}])
+def test_malformed_hints_are_ignored(app, headers):
+    assert app.request("/photo-medium-1.jpg", "width=100", headers=headers).status == 200
+
+
+def test_demo_page_shows_every_class_and_asks_for_hints(app):
+    reply = app.request("/_demo", "name=photo-medium-2.jpg&width=400",
+                        headers={"ECT": "3g"})
+    assert reply.status == 200
+    assert reply.headers["Content-Type"].startswith("text/html")
+    assert "ECT" in reply.headers["Accept-CH"]
+    page = reply.text
+    for network in ("slow-2g", "2g", "3g", "4g", "wifi"):
+        assert f'<figure id="{network}">' in page
+    yours = page[page.index('<figure id="yours">'):]
+    assert '<span class="network">3g</span>' in yours[:yours.index("</figure>")]
+
+
+def test_demo_without_a_name_is_a_400(app):
+    assert app.request("/_demo").status == 400
+
+
+# --- a real browser -------------------------------------------------------------
+
+CHROMIUM = "/usr/bin/chromium"
+
+
+def browse_demo(server, connection_type, url):
+    """Load the demo in headless Chromium forced to a connection type; return the
+    panel's class and the log lines the server wrote meanwhile."""
+    playwright = pytest.importorskip("playwright.sync_api")
+    before = len(server.log())
+    profile = tempfile.mkdtemp(prefix="dynimg-chromium-")
+    try:
+        with playwright.sync_playwright() as driver:
+            browser = driver.chromium.launch_persistent_context(
+                profile, executable_path=CHROMIUM, headless=True, args=[
+                    "--headless", "--no-sandbox", "--disable-gpu",
+                    "--disable-background-networking", "--disable-component-update",
+                    "--no-first-run", "--disable-quic", "--disable-sync",
+                    f"--force-effective-connection-type={connection_type}"])
+            try:
+                page = browser.new_page()
+                page.goto(url, wait_until="load")
+                panel = page.inner_text("#yours .network")
+            finally:
+                browser.close()
+    finally:
+        shutil.rmtree(profile, ignore_errors=True)
+    time.sleep(0.5)  # the server's log lines follow the responses
+    return panel, server.log()[before:]
+
+
+def test_chromium_on_2g_receives_a_smaller_image_than_on_4g(server):
+    if not os.path.exists(CHROMIUM):
+        if os.environ.get("CI") == "true":
+            pytest.fail("chromium is not installed (make installs it)")
+        pytest.skip("chromium is not installed (make test installs it)")
+    url = f"http://127.0.0.1:{server.port}/images/_demo?name=photo-large-3.jpg&width=640"
+    sent = {}
+    for connection_type, expected in (("2G", "2g"), ("4G", "4g")):
+        panel, log = browse_demo(server, connection_type, url)
+        assert panel == expected
+        # the image the browser's own hints chose: the URL without bandwidth=
+        lines = re.findall(r"GET /photo-large-3\.jpg\?width=640 200 (\d+) bytes net=(\S+)", log)
+        assert lines, log[-2000:]
+        assert {network for _, network in lines} == {expected}
+        sent[expected] = int(lines[-1][0])
+    assert sent["2g"] < sent["4g"]
+    assert sent["2g"] <= dynimg.load_config(os.path.join(PROJECT, "dynimg.ini")) \
+        .profiles["2g"].max_bytes
