@@ -17,7 +17,7 @@ RUN_AS := $(if $(filter 0,$(shell id -u)),--user www-data --group www-data)
 
 serve: setup
 	@$(VENV)/bin/python dynimg.py check
-	@echo "dynimg: serving at http://$(HOST):$(PORT)/images/ (try /images/sunset.jpg?width=340)"
+	@echo "dynimg: serving at http://$(HOST):$(PORT)/images/ (open /images/_demo?name=sunset.jpg)"
 	$(VENV)/bin/mod_wsgi-express start-server dynimg.wsgi --host $(HOST) --port $(PORT) \
 		--mount-point /images --processes $(PROCESSES) --threads $(THREADS) $(RUN_AS) \
 		--server-root /tmp/dynimg-$(PORT) --log-to-terminal
