@@ -473,7 +473,8 @@ class Spec:
     """One request, fully resolved: the whole answer to "what image is this?".
 
     Widths and heights are device pixels (dpr, screen caps and hints folded in).
-    The last three fields describe the request, not the bytes: they stay out of the key.
+    The fields from `network` on describe the request, not the bytes: they stay out
+    of the key. `source_size` (upright) is filled in once the source is opened.
     """
 
     name: str
@@ -493,12 +494,17 @@ class Spec:
     network: str = "default"
     dpr: float = 1.0
     vary: tuple = ()
+    source_size: Optional[tuple] = None
 
     def key(self, identity):
         """Hex digest of this spec's canonical form plus the source's identity."""
-        fields = dataclasses.astuple(self)[:-3]
+        fields = [getattr(self, field) for field in _KEY_FIELDS]
         canonical = json.dumps([PROCESSING_VERSION, list(identity), list(fields)])
         return hashlib.sha256(canonical.encode()).hexdigest()[:32]
+
+
+#: The Spec fields that decide the output bytes (all before `network`).
+_KEY_FIELDS = tuple(field.name for field in dataclasses.fields(Spec))[:-5]
 
 
 def parse_spec(environ, config):
@@ -873,6 +879,8 @@ def render(source_data, spec, config):
     image = open_image(source_data, config)
     source_size, source_format = image.size, image.format
     animated, copyright_line = _is_animated(image), _copyright(image, spec)
+    # the geometry follows the source's own size, not the draft's rounded one
+    spec = dataclasses.replace(spec, source_size=_upright_size(image))
     try:
         image = decode(image, spec)
         decoded = time.perf_counter()
@@ -1044,7 +1052,7 @@ def _is_srgb(profile):
 
 def resize(image, spec):
     """One resample to the planned size (premultiplied alpha, done by Pillow)."""
-    size, _ = output_geometry(image.size, spec)
+    size, _ = output_geometry(spec.source_size or image.size, spec)
     if size == image.size:
         return image
     return image.resize(size, Image.Resampling.LANCZOS, reducing_gap=REDUCING_GAP)
