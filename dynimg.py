@@ -37,7 +37,7 @@ import urllib.parse
 import warnings
 from typing import Optional
 
-from PIL import Image, ImageCms, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageCms, ImageMath, UnidentifiedImageError
 
 # --- constants and tables ---------------------------------------------------
 
@@ -950,12 +950,17 @@ def output_geometry(size, spec):
     scale = max(scales) if spec.fit == "cover" and len(scales) == 2 else min(scales)
     if not spec.upscale:
         scale = min(scale, 1.0)
-    resized = (max(1, round(width * scale)), max(1, round(height * scale)))
+    resized = (_whole_pixels(width * scale), _whole_pixels(height * scale))
     if spec.fit == "cover" and box_width and box_height:
         return resized, (min(box_width, resized[0]), min(box_height, resized[1]))
     if spec.fit == "pad":
         return resized, (box_width or resized[0], box_height or resized[1])
     return resized, resized
+
+
+def _whole_pixels(length):
+    """Round half up (266.5 -> 267, as people expect), and never below 1 px."""
+    return max(1, math.floor(length + 0.5))
 
 
 def decode(image, spec):
@@ -987,20 +992,36 @@ def to_srgb(image, spec):
 
 
 #: Modes the pipeline works in, and how each other mode gets there.
-_WORKING_MODES = {"1": "L", "P": None, "PA": "RGBA", "La": "LA", "RGBa": "RGBA",
+_WORKING_MODES = {"1": "L", "PA": "RGBA", "La": "LA", "RGBa": "RGBA",
                   "RGBX": "RGB", "YCbCr": "RGB", "LAB": "RGB", "HSV": "RGB"}
 
 
 def _to_working_mode(image):
-    if image.mode in ("L", "LA", "RGB", "RGBA", "CMYK"):
+    if image.mode in ("LA", "RGBA", "CMYK"):
+        return image
+    if "transparency" in image.info and image.mode in ("L", "RGB", "P", "1"):
+        # a tRNS colour becomes a real alpha channel, so it can be resized and flattened
+        return image.convert("LA" if image.mode in ("L", "1") else "RGBA")
+    if image.mode in ("L", "RGB"):
         return image
     if image.mode == "P":
-        return image.convert("RGBA" if image.has_transparency_data else "RGB")
+        return image.convert("RGB")
     if image.mode.startswith("I") or image.mode == "F":
-        # 16- and 32-bit grey: scale to 8 bits rather than clip at 255
-        high = 65535 if image.mode.startswith("I;16") or (image.getextrema()[1] > 255) else 255
-        return image.convert("I").point(lambda value: value * (255 / high)).convert("L")
+        return _grey_to_8_bits(image)
     return image.convert(_WORKING_MODES.get(image.mode, "RGB"))
+
+
+def _grey_to_8_bits(image):
+    """16- and 32-bit grey scaled (not clipped) to 8 bits, keeping a tRNS grey as alpha."""
+    high = 65535 if image.mode.startswith("I;16") or image.getextrema()[1] > 255 else 255
+    grey = image.convert("I").point(lambda value: value * (255 / high)).convert("L")
+    transparent = image.info.get("transparency")
+    if isinstance(transparent, int):
+        # Pillow's own conversion drops a 16-bit tRNS: build the mask by comparison
+        opaque = ImageMath.lambda_eval(lambda values: values["grey"] != values["clear"],
+                                       grey=image.convert("I"), clear=transparent)
+        grey.putalpha(opaque.point(lambda value: value * 255).convert("L"))
+    return grey
 
 
 def _apply_profile(image, profile_bytes):

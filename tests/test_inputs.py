@@ -2,6 +2,7 @@
 comes out upright, in sRGB, with transparency handled and no metadata."""
 
 import io
+import math
 import os
 import time
 
@@ -60,7 +61,7 @@ def difference(first, second):
 
 def fitted(size, box):
     scale = min(1.0, box / size[0], box / size[1])
-    return max(1, round(size[0] * scale)), max(1, round(size[1] * scale))
+    return tuple(max(1, math.floor(side * scale + 0.5)) for side in size)
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
@@ -287,3 +288,95 @@ def test_bad_files_answer_422_in_bounded_time(app, name):
     assert time.monotonic() - started < 10
     assert reply.status == 422
     assert reply.headers["X-Image-Error"]
+
+
+# --- formats and profiles the corpus has no file for, made from its photos --------
+
+PROPHOTO = "/usr/share/color/icc/colord/ProPhotoRGB.icc"
+GREY = "/usr/share/color/icc/Gray.icc"
+
+
+def derived(image_root, name, image, fmt, **options):
+    """Save a variant of a corpus photo into the test image root."""
+    path = os.path.join(image_root, name)
+    image.save(path, fmt, **options)
+    os.chmod(path, 0o644)
+    return path
+
+
+def needs(path):
+    if not os.path.exists(path):
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"{path} is missing (make test installs it)")
+        pytest.skip(f"{path} is missing (make test installs it)")
+    with open(path, "rb") as profile:
+        return profile.read()
+
+
+def test_prophoto_profile_is_converted(app, image_root):
+    profile = needs(PROPHOTO)
+    photo = Image.open(os.path.join(image_root, "photo-medium-2.jpg"))
+    path = derived(image_root, "prophoto.jpg", photo, "JPEG", quality=95, icc_profile=profile)
+    output = app.request("/prophoto.jpg", "width=400&format=png").image()
+    expected = reference(path).resize(output.size, Image.Resampling.LANCZOS)
+    ignored = Image.open(path).convert("RGB").resize(output.size, Image.Resampling.LANCZOS)
+    assert abs(saturation(output) - saturation(expected)) < 0.5
+    assert saturation(output) - saturation(ignored) > 3
+
+
+def test_grey_profile_is_converted_and_stays_grey(app, image_root):
+    profile = needs(GREY)
+    photo = Image.open(os.path.join(image_root, "grayscale.jpg"))
+    path = derived(image_root, "grey-icc.jpg", photo, "JPEG", quality=95, icc_profile=profile)
+    output = app.request("/grey-icc.jpg", "width=300").image()
+    assert output.mode == "L"
+    expected = reference(path).convert("L").resize(output.size, Image.Resampling.LANCZOS)
+    assert difference(output, expected) < 3
+
+
+@pytest.mark.parametrize("name, fmt, options", [
+    ("photo.jp2", "JPEG2000", {}),
+    ("photo-lzw.tif", "TIFF", {"compression": "tiff_lzw"}),
+    ("photo-jpeg.tif", "TIFF", {"compression": "jpeg"}),
+    ("photo.bmp", "BMP", {}),
+])
+def test_other_formats_decode(app, image_root, name, fmt, options):
+    photo = Image.open(os.path.join(image_root, "photo-medium-1.jpg")).convert("RGB")
+    derived(image_root, name, photo, fmt, **options)
+    output = app.request("/" + name, "width=300").image()
+    assert output.size == (300, 200)
+    assert difference(output, photo) < 8
+
+
+def test_fax_tiff_decodes_to_grey(app, image_root):
+    fax = Image.open(os.path.join(image_root, "grayscale.jpg")).convert("1")
+    derived(image_root, "fax.tif", fax, "TIFF", compression="group4")
+    output = app.request("/fax.tif", "width=400&format=png").image()
+    assert output.mode == "L" and output.size == (400, 267)
+
+
+@pytest.mark.parametrize("name, fmt", [("anim.png", "PNG"), ("anim.webp", "WEBP")])
+def test_animated_png_and_webp_serve_frame_one(app, image_root, name, fmt):
+    gif = Image.open(os.path.join(image_root, "anim.gif"))
+    frames = []
+    for index in range(3):
+        gif.seek(index)
+        frames.append(gif.convert("RGBA"))
+    derived(image_root, name, frames[0], fmt, save_all=True, append_images=frames[1:],
+            duration=100, loop=0)
+    reply = app.request("/" + name, "width=200&format=png")
+    assert reply.status == 200
+    assert reply.headers["X-Image-Frames"].startswith("first")
+    assert difference(reply.image(), frames[0].resize((200, 200))) < 4
+
+
+def test_16_bit_grey_is_scaled_and_its_trns_becomes_alpha(app, image_root):
+    grey = Image.open(os.path.join(image_root, "grayscale.jpg")).convert("L")
+    wide = grey.convert("I").point(lambda value: value * 257)  # 8 -> 16 bits
+    wide.paste(1234, (0, 0, 100, 100))
+    path = derived(image_root, "grey16-trns.png", wide.convert("I;16"), "PNG", transparency=1234)
+    assert Image.open(path).mode.startswith("I")
+    output = app.request("/grey16-trns.png", "format=png").image()
+    assert output.mode == "LA"
+    assert output.getpixel((50, 50))[1] == 0 and output.getpixel((400, 400))[1] == 255
+    assert abs(output.getpixel((400, 400))[0] - grey.getpixel((400, 400))) <= 1
