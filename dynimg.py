@@ -21,6 +21,8 @@ import argparse
 import configparser
 import dataclasses
 import email.utils
+import errno
+import fcntl
 import hashlib
 import html
 import http
@@ -31,6 +33,8 @@ import math
 import os
 import re
 import sys
+import tempfile
+import threading
 import time
 import types
 import urllib.parse
@@ -213,7 +217,15 @@ DEFAULTS = {
         "log_file": "",
         "log_level": "INFO",
         "cache_max_age": "86400",
+        "stale_while_revalidate": "3600",
+        "stale_if_error": "86400",
         "error_max_age": "60",
+    },
+    "cache": {
+        "cache_dir": "/var/tmp/dynimg-cache",
+        "cache_max_mb": "1024",
+        "fsync": "no",
+        "lock_timeout": "30",
     },
     "output": {
         "format": "jpeg",
@@ -278,7 +290,13 @@ class Config:
     log_file: str
     log_level: str
     cache_max_age: int
+    stale_while_revalidate: int
+    stale_if_error: int
     error_max_age: int
+    cache_dir: str
+    cache_max_mb: int
+    cache_fsync: bool
+    lock_timeout: int
     format: str
     bg: str
     keep_copyright: bool
@@ -324,7 +342,13 @@ def load_config(path=None):
         log_file=read.path("server", "log_file"),
         log_level=read.choice("server", "log_level", logging.getLevelNamesMapping()),
         cache_max_age=read.integer("server", "cache_max_age", 0),
+        stale_while_revalidate=read.integer("server", "stale_while_revalidate", 0),
+        stale_if_error=read.integer("server", "stale_if_error", 0),
         error_max_age=read.integer("server", "error_max_age", 0),
+        cache_dir=read.path("cache", "cache_dir"),
+        cache_max_mb=read.integer("cache", "cache_max_mb", 1),
+        cache_fsync=BOOLEANS[read.choice("cache", "fsync", BOOLEANS)],
+        lock_timeout=read.integer("cache", "lock_timeout", 0, 3600),
         format=read.choice("output", "format", FORMATS),
         bg=read.colour("output", "bg"),
         keep_copyright=BOOLEANS[read.choice("output", "keep_copyright", BOOLEANS)],
@@ -504,7 +528,8 @@ class Spec:
 
 
 #: The Spec fields that decide the output bytes (all before `network`).
-_KEY_FIELDS = tuple(field.name for field in dataclasses.fields(Spec))[:-5]
+_FIELD_NAMES = tuple(field.name for field in dataclasses.fields(Spec))
+_KEY_FIELDS = _FIELD_NAMES[:_FIELD_NAMES.index("network")]
 
 
 def parse_spec(environ, config):
@@ -799,6 +824,15 @@ def is_not_modified(if_none_match, etag):
     return any(tag.removeprefix("W/") == etag for tag in tags)
 
 
+def is_modified_since(if_modified_since, mtime):
+    """False when the source is no newer than an If-Modified-Since date (whole seconds)."""
+    try:
+        since = email.utils.parsedate_to_datetime(if_modified_since).timestamp()
+    except (TypeError, ValueError, IndexError, OverflowError):
+        return True
+    return int(mtime) > since
+
+
 def http_date(timestamp):
     return email.utils.formatdate(timestamp, usegmt=True)
 
@@ -819,9 +853,9 @@ class Source:
     """An opened source file; `identity` changes whenever its content may have."""
 
     path: str
-    data: bytes
     identity: tuple
     mtime: float
+    data: bytes = b""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -836,6 +870,19 @@ class Rendered:
     source_size: tuple
     timings: tuple
     animated: bool = False
+
+
+def stat_source(spec, config):
+    """The named source's identity, from a stat, without reading it (for hits and 304s)."""
+    path = confine(config.image_root, spec.name)
+    try:
+        stat = os.stat(path)
+    except (FileNotFoundError, NotADirectoryError, PermissionError):
+        raise NotFound("no such image", f"{spec.name!r}: cannot stat") from None
+    if not os.path.stat.S_ISREG(stat.st_mode):
+        raise NotFound("no such image", f"{spec.name!r} is not a regular file")
+    relative = os.path.relpath(path, config.image_root)
+    return Source(path, (relative, stat.st_size, stat.st_mtime_ns), stat.st_mtime)
 
 
 def open_source(spec, config):
@@ -855,7 +902,7 @@ def open_source(spec, config):
     if len(data) > config.max_source_bytes:
         raise Unprocessable("source is larger than max_source_bytes")
     relative = os.path.relpath(path, config.image_root)
-    return Source(path, data, (relative, stat.st_size, stat.st_mtime_ns), stat.st_mtime)
+    return Source(path, (relative, stat.st_size, stat.st_mtime_ns), stat.st_mtime, data)
 
 
 def open_image(data, config):
@@ -1197,20 +1244,272 @@ def _save(image, spec, quality):
     return buffer.getvalue()
 
 
+# --- result cache -------------------------------------------------------------
+
+#: Magic bytes at the start and end of a whole file of each format (a cut file fails).
+_FORMAT_CHECKS = {
+    "jpeg": lambda head, tail, size: head[:2] == b"\xff\xd8" and tail[-2:] == b"\xff\xd9",
+    "png": lambda head, tail, size: head[:8] == b"\x89PNG\r\n\x1a\n" and tail[-8:-4] == b"IEND",
+    "webp": lambda head, tail, size: head[:4] == b"RIFF" and head[8:12] == b"WEBP"
+    and int.from_bytes(head[4:8], "little") + 8 == size,
+}
+
+#: A hit refreshes its entry's mtime (the LRU clock) at most this often, in seconds.
+TOUCH_INTERVAL = 3600
+
+#: Pruning trims the cache to this fraction of cache_max_mb, so it does not run at once again.
+PRUNE_TO = 0.9
+
+
+@dataclasses.dataclass(frozen=True)
+class CacheEntry:
+    """An encoded result on disk; everything a response needs is in its file name:
+    KEY.SOURCE.WxH.qQUALITY.FRAMES.LENGTH.FORMAT"""
+
+    key: str
+    source: str
+    width: int
+    height: int
+    quality: int
+    animated: bool
+    length: int
+    format: str
+
+    @property
+    def name(self):
+        return (f"{self.key}.{self.source}.{self.width}x{self.height}.q{self.quality}."
+                f"{'a' if self.animated else 's'}.{self.length}.{self.format}")
+
+    @classmethod
+    def parse(cls, name):
+        try:
+            key, source, size, quality, frames, length, fmt = name.split(".")
+            width, height = size.split("x")
+            return cls(key, source, int(width), int(height), int(quality[1:]), frames == "a",
+                       int(length), fmt)
+        except ValueError:
+            return None
+
+
+def source_tag(relative_path):
+    """Short digest naming a source in cache file names, so purge can find its variants."""
+    return hashlib.sha256(relative_path.encode()).hexdigest()[:12]
+
+
+class ResultCache:
+    """Encoded results under cache_dir by image key: atomic writes, LRU trimming."""
+
+    def __init__(self, config):
+        self.folder = config.cache_dir
+        self.max_bytes = config.cache_max_mb * 1024 * 1024
+        self.fsync = config.cache_fsync
+        self.lock_timeout = config.lock_timeout
+        self.hits = self.misses = 0
+        self.written = 0
+        self.last_prune = time.monotonic()
+        self.pruning = threading.Lock()
+        self.write_failed = False
+
+    def _folder_of(self, key):
+        return os.path.join(self.folder, key[:2], key[2:4])
+
+    def lookup(self, key):
+        """(entry, open file) for a sound cached result, else None; a bad file is removed."""
+        folder = self._folder_of(key)
+        try:
+            names = [name for name in os.listdir(folder) if name.startswith(key + ".")]
+        except OSError:
+            names = []
+        entry = CacheEntry.parse(names[0]) if names else None
+        if entry is None or entry.format not in _FORMAT_CHECKS:
+            self.misses += 1
+            return None
+        path = os.path.join(folder, entry.name)
+        try:
+            file = open(path, "rb")
+        except OSError:
+            self.misses += 1
+            return None
+        if not self._is_sound(file, entry):
+            file.close()
+            log.warning("removing a damaged cache file %s", path)
+            self._remove(path)
+            self.misses += 1
+            return None
+        self.hits += 1
+        return entry, file
+
+    def _is_sound(self, file, entry):
+        stat = os.fstat(file.fileno())
+        if stat.st_size != entry.length or stat.st_size < 12:
+            return False
+        head = os.pread(file.fileno(), 12, 0)
+        tail = os.pread(file.fileno(), 12, stat.st_size - 12)
+        if time.time() - stat.st_mtime > TOUCH_INTERVAL:
+            try:
+                os.utime(file.fileno())
+            except OSError:
+                pass  # a read-only cache still serves
+        return _FORMAT_CHECKS[entry.format](head, tail, stat.st_size)
+
+    def store(self, entry, data):
+        """Write atomically (a temporary file in the same folder, then rename)."""
+        folder = self._folder_of(entry.key)
+        temporary = None
+        try:
+            os.makedirs(folder, exist_ok=True)
+            descriptor, temporary = tempfile.mkstemp(dir=folder, prefix=".tmp-")
+            with os.fdopen(descriptor, "wb") as file:
+                file.write(data)
+                if self.fsync:
+                    file.flush()
+                    os.fsync(file.fileno())
+            os.chmod(temporary, 0o644)
+            os.rename(temporary, os.path.join(folder, entry.name))
+        except OSError as error:
+            if temporary:
+                self._remove(temporary)
+            if not self.write_failed or error.errno != errno.ENOSPC:
+                log.warning("result cache write failed (%s): serving uncached", error)
+            self.write_failed = True
+            return
+        self.write_failed = False
+        self.written += len(data)
+        self._maybe_prune()
+
+    def lock(self, key):
+        """A cross-process lock for one key, so one render makes it and others wait."""
+        return _StripeLock(os.path.join(self.folder, ".locks", key[:3]), self.lock_timeout)
+
+    def _maybe_prune(self):
+        due = (self.written > self.max_bytes * (1 - PRUNE_TO)
+               or time.monotonic() - self.last_prune > 600)
+        if due and self.pruning.acquire(blocking=False):
+            self.written, self.last_prune = 0, time.monotonic()
+            # eviction runs beside the requests, never inside one
+            threading.Thread(target=self._prune_in_background, daemon=True).start()
+
+    def _prune_in_background(self):
+        try:
+            self.prune()
+        except Exception:
+            log.exception("result cache pruning failed")
+        finally:
+            self.pruning.release()
+
+    def entries(self):
+        """(path, entry or None, stat) of every file, temporary ones included."""
+        for folder, _, names in os.walk(self.folder):
+            if os.path.basename(folder) == ".locks":
+                continue
+            for name in names:
+                path = os.path.join(folder, name)
+                try:
+                    yield path, CacheEntry.parse(name), os.stat(path)
+                except OSError:
+                    continue  # removed meanwhile
+
+    def prune(self):
+        """Trim to PRUNE_TO of the bound, least recently used first; drop stale temporaries.
+        Removing a file being served is safe: the reader keeps its open descriptor."""
+        with _StripeLock(os.path.join(self.folder, ".locks", "prune"), 0) as locked:
+            if not locked:
+                return 0
+            files, removed = [], 0
+            for path, entry, stat in self.entries():
+                if entry is None:
+                    if time.time() - stat.st_mtime > 3600:
+                        removed += self._remove(path)
+                    continue
+                files.append((stat.st_mtime, stat.st_size, path))
+            total = sum(size for _, size, _ in files)
+            for _, size, path in sorted(files):
+                if total <= self.max_bytes * PRUNE_TO:
+                    break
+                removed += self._remove(path)
+                total -= size
+            return removed
+
+    def purge(self, relative_path):
+        """Remove every variant of one source."""
+        tag = source_tag(relative_path)
+        return sum(self._remove(path) for path, entry, _ in list(self.entries())
+                   if entry and entry.source == tag)
+
+    def stats(self):
+        sizes = [stat.st_size for _, entry, stat in self.entries() if entry]
+        lookups = self.hits + self.misses
+        return {"dir": self.folder, "entries": len(sizes), "bytes": sum(sizes),
+                "max_bytes": self.max_bytes, "hits": self.hits, "misses": self.misses,
+                "hit_ratio": round(self.hits / lookups, 3) if lookups else None}
+
+    @staticmethod
+    def _remove(path):
+        try:
+            os.unlink(path)
+            return 1
+        except OSError:
+            return 0
+
+
+class _StripeLock:
+    """flock on one of a bounded set of lock files; gives up after `timeout` seconds
+    (then the caller goes on unlocked: a duplicate render beats a stuck request)."""
+
+    def __init__(self, path, timeout):
+        self.path, self.timeout, self.file = path, timeout, None
+
+    def __enter__(self):
+        try:
+            os.makedirs(os.path.dirname(self.path), exist_ok=True)
+            self.file = open(self.path, "a+b")
+        except OSError:
+            return False
+        deadline = time.monotonic() + self.timeout
+        while True:
+            try:
+                fcntl.flock(self.file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return True
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    return False
+                time.sleep(0.02)
+
+    def __exit__(self, *exc_info):
+        if self.file:
+            self.file.close()  # closing releases the lock
+
+
+_result_cache = None
+
+
+def result_cache(config):
+    """This process's ResultCache, or None when cache_dir is empty."""
+    global _result_cache
+    if not config.cache_dir:
+        return None
+    if _result_cache is None or _result_cache.folder != config.cache_dir:
+        _result_cache = ResultCache(config)
+    return _result_cache
+
+
 # --- responses ----------------------------------------------------------------
 
 
 @dataclasses.dataclass(frozen=True)
 class Response:
+    """Status, headers and a body: bytes, or an open file of `length` bytes."""
+
     status: int
     headers: tuple
-    body: bytes = b""
+    body: object = b""
+    length: Optional[int] = None
 
 
 def image_response(spec, source, rendered, config, key):
     """200 with the encoded image and every header caches and browsers need."""
     timing = ", ".join(f"{name};dur={seconds * 1000:.1f}" for name, seconds in rendered.timings)
-    headers = _image_headers(spec, config.cache_max_age, FORMATS[rendered.format][1]) + (
+    headers = _image_headers(spec, config, FORMATS[rendered.format][1]) + (
         ("X-Image-Key", key),
         ("ETag", f'"{key}"'),
         ("Last-Modified", http_date(source.mtime)),
@@ -1222,15 +1521,30 @@ def image_response(spec, source, rendered, config, key):
     return Response(200, headers, rendered.data)
 
 
+def cached_response(spec, source, entry, file, config):
+    """200 from the result cache: the file goes out through wsgi.file_wrapper."""
+    headers = _image_headers(spec, config, FORMATS[entry.format][1]) + (
+        ("X-Image-Key", entry.key),
+        ("ETag", f'"{entry.key}"'),
+        ("Last-Modified", http_date(source.mtime)),
+        ("Server-Timing", "cache;desc=hit"),
+        ("X-Image-Size", f"{entry.width}x{entry.height}"),
+        ("X-Image-Quality", str(entry.quality)),
+        ("X-Image-Network", spec.network),
+    ) + ((("X-Image-Frames", "first (the source is animated)"),) if entry.animated else ())
+    return Response(200, headers, file, entry.length)
+
+
 def not_modified_response(spec, source, config, key):
-    headers = tuple(h for h in _image_headers(spec, config.cache_max_age, None) if h[0])
-    return Response(304, headers + (("X-Image-Key", key), ("ETag", f'"{key}"'),
-                                    ("Last-Modified", http_date(source.mtime))))
+    return Response(304, _image_headers(spec, config, None) + (
+        ("X-Image-Key", key), ("ETag", f'"{key}"'), ("Last-Modified", http_date(source.mtime))))
 
 
-def _image_headers(spec, max_age, content_type):
-    headers = (("Cache-Control", f"public, max-age={max_age}"),
-               ("Accept-CH", ", ".join(CLIENT_HINTS)))
+def _image_headers(spec, config, content_type):
+    cache_control = (f"public, max-age={config.cache_max_age}, "
+                     f"stale-while-revalidate={config.stale_while_revalidate}, "
+                     f"stale-if-error={config.stale_if_error}")
+    headers = (("Cache-Control", cache_control), ("Accept-CH", ", ".join(CLIENT_HINTS)))
     if content_type:
         headers = (("Content-Type", content_type),) + headers
     if spec and spec.vary:
@@ -1280,6 +1594,7 @@ def health_response(config):
         "pillow": pillow_build(),
         "config": config.path,
         "image_root": config.image_root,
+        "cache": result_cache(config).stats() if result_cache(config) else None,
     }, indent=2).encode() + b"\n"
     return Response(200, (("Content-Type", "application/json"),
                           ("Cache-Control", "no-store")), body)
@@ -1397,12 +1712,44 @@ def get_config():
 
 
 def serve_image(spec, environ, config):
-    """Answer one image request: 304 if the client has it, else render."""
-    source = open_source(spec, config)
+    """Answer one image request: 304 if the client has it, else from the result
+    cache, else render (one render per key at a time) and keep the result."""
+    source = stat_source(spec, config)
     key = spec.key(source.identity)
-    if is_not_modified(environ.get("HTTP_IF_NONE_MATCH"), f'"{key}"'):
+    if _client_has_it(environ, key, source):
         return not_modified_response(spec, source, config, key)
+    cache = result_cache(config)
+    if cache is None:
+        return render_response(spec, open_source(spec, config), config)
+    hit = cache.lookup(key)
+    if hit:
+        return cached_response(spec, source, *hit, config)
+    with cache.lock(key):
+        hit = cache.lookup(key)  # another process may have made it while we waited
+        if hit:
+            return cached_response(spec, source, *hit, config)
+        return render_response(spec, open_source(spec, config), config, cache)
+
+
+def _client_has_it(environ, key, source):
+    """If-None-Match decides when sent; otherwise If-Modified-Since."""
+    if_none_match = environ.get("HTTP_IF_NONE_MATCH")
+    if if_none_match is not None:
+        return is_not_modified(if_none_match, f'"{key}"')
+    if_modified_since = environ.get("HTTP_IF_MODIFIED_SINCE")
+    return if_modified_since is not None and not is_modified_since(if_modified_since,
+                                                                   source.mtime)
+
+
+def render_response(spec, source, config, cache=None):
+    """Render (keyed by the identity of the bytes actually read) and keep the result."""
+    key = spec.key(source.identity)
     rendered = render(source.data, spec, config)
+    if cache is not None:
+        entry = CacheEntry(key, source_tag(source.identity[0]), rendered.width,
+                           rendered.height, rendered.quality, rendered.animated,
+                           len(rendered.data), rendered.format)
+        cache.store(entry, rendered.data)
     return image_response(spec, source, rendered, config, key)
 
 
@@ -1443,15 +1790,29 @@ def application(environ, start_response):
                       environ.get("QUERY_STRING"))
         response = error_response(InternalError("internal error"),
                                   parsed[0] if parsed else None, config)
-    headers = list(response.headers) + [("Content-Length", str(len(response.body)))]
+    length = response.length if response.length is not None else len(response.body)
+    headers = list(response.headers) + [("Content-Length", str(length))]
     start_response(f"{response.status} {http.HTTPStatus(response.status).phrase}", headers)
-    log.info("%s %s?%s %d %d bytes net=%s key=%s %.0f ms", environ.get("REQUEST_METHOD"),
-             environ.get("PATH_INFO"), environ.get("QUERY_STRING", ""), response.status,
-             len(response.body), parsed[0].network if parsed else "-",
-             dict(response.headers).get("X-Image-Key", "-"), (time.perf_counter() - started) * 1000)
+    headers_out = dict(response.headers)
+    log.info("%s %s?%s %d %d bytes net=%s cache=%s key=%s %.0f ms",
+             environ.get("REQUEST_METHOD"), environ.get("PATH_INFO"),
+             environ.get("QUERY_STRING", ""), response.status, length,
+             parsed[0].network if parsed else "-",
+             "hit" if headers_out.get("Server-Timing") == "cache;desc=hit" else "-",
+             headers_out.get("X-Image-Key", "-"), (time.perf_counter() - started) * 1000)
     if environ.get("REQUEST_METHOD") == "HEAD" or response.status == 304:
+        if hasattr(response.body, "close"):
+            response.body.close()
         return []
+    if hasattr(response.body, "read"):
+        file_wrapper = environ.get("wsgi.file_wrapper")
+        return file_wrapper(response.body, 65536) if file_wrapper else _chunks(response.body)
     return [response.body]
+
+
+def _chunks(file):
+    with file:
+        yield from iter(lambda: file.read(65536), b"")
 
 
 # --- command line -------------------------------------------------------------
@@ -1466,6 +1827,9 @@ def main(argv=None):
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8000)
     commands.add_parser("check", help="check the config and exit")
+    cache = commands.add_parser("cache", help="the result cache: stats, purge NAME, prune")
+    cache.add_argument("action", choices=("stats", "purge", "prune"))
+    cache.add_argument("name", nargs="?", help="with purge: the source whose variants go")
     render_command = commands.add_parser("render", help="run the pipeline on one image offline")
     render_command.add_argument("name")
     render_command.add_argument("-o", "--output", required=True)
@@ -1487,6 +1851,24 @@ def main(argv=None):
 
 def _command_check(args, config):
     print(f"{config.path}: ok (image root {config.image_root})")
+    return 0
+
+
+def _command_cache(args, config):
+    cache = result_cache(config)
+    if cache is None:
+        print("dynimg: the result cache is off (cache_dir is empty)", file=sys.stderr)
+        return 1
+    if args.action == "purge":
+        if not args.name:
+            print("dynimg: cache purge needs the source's name", file=sys.stderr)
+            return 2
+        print(f"removed {cache.purge(_check_name(args.name))} cached variants of {args.name}")
+    elif args.action == "prune":
+        print(f"removed {cache.prune()} files; bound {cache.max_bytes // 1048576} MiB")
+    stats = cache.stats()
+    print(f"{stats['dir']}: {stats['entries']} entries, {stats['bytes'] / 1048576:.1f} MiB "
+          f"of {stats['max_bytes'] // 1048576} MiB")
     return 0
 
 
@@ -1536,7 +1918,8 @@ def _command_render(args, config):
     return 0
 
 
-COMMANDS = {"serve": _command_serve, "check": _command_check, "render": _command_render}
+COMMANDS = {"serve": _command_serve, "check": _command_check, "render": _command_render,
+            "cache": _command_cache}
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -70,9 +70,13 @@ def image_root(corpus):
 
 def write_config(folder, image_root, **sections):
     """A dynimg.ini in `folder` using the project's images, with overrides."""
+    cache_dir = os.path.join(folder, "cache")
+    os.makedirs(cache_dir, exist_ok=True)
+    os.chmod(cache_dir, 0o777)  # Apache's user writes the result cache
     values = {"server": {"image_root": image_root,
                          "not_found_image": os.path.join(PROJECT, "404image.png"),
-                         "error_image": os.path.join(PROJECT, "errorimage.png")}}
+                         "error_image": os.path.join(PROJECT, "errorimage.png")},
+              "cache": {"cache_dir": cache_dir}}
     for section, keys in sections.items():
         values.setdefault(section, {}).update(keys)
     path = os.path.join(folder, "dynimg.ini")

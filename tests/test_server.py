@@ -187,3 +187,15 @@ def test_serve_command_serves_the_samples_with_wsgiref():
         assert reply.status == 200 and image_of(reply).width == 100
     finally:
         stop(process)
+
+
+def test_one_render_per_key_across_processes(server):
+    import concurrent.futures
+    url = "/images/photo-large-1.jpg?width=777"
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        replies = list(pool.map(lambda _: server.get(url), range(8)))
+    assert {reply.status for reply in replies} == {200}
+    assert len({reply.body for reply in replies}) == 1
+    assert sum(r.headers["Server-Timing"] == "cache;desc=hit" for r in replies) == 7
+    again = server.get(url)
+    assert again.headers["Server-Timing"] == "cache;desc=hit" and again.body == replies[0].body
