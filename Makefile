@@ -9,11 +9,11 @@ VENV := .venv
 DEBIAN_PACKAGES := apache2 apache2-dev build-essential python3-dev python3-venv \
 	libjpeg-dev zlib1g-dev libpng-dev libwebp-dev libtiff-dev liblcms2-dev \
 	libfreetype-dev libopenjp2-7-dev
-TEST_DEBIAN_PACKAGES := chromium colord-data icc-profiles-free
+TEST_DEBIAN_PACKAGES := chromium colord-data icc-profiles-free nginx varnish
 
 RUN_AS := $(if $(filter 0,$(shell id -u)),--user www-data --group www-data)
 
-.PHONY: serve test setup debs access clean
+.PHONY: serve test bench setup debs access clean
 
 serve: setup
 	@$(VENV)/bin/python dynimg.py check
@@ -25,6 +25,13 @@ serve: setup
 test: setup
 	scripts/setup debs $(TEST_DEBIAN_PACKAGES)
 	$(VENV)/bin/python -m pytest
+
+# Figures for the README: network profiles, encoder settings, HTTP throughput.
+bench: setup
+	scripts/setup debs wrk varnish
+	$(VENV)/bin/python bench/profiles.py
+	$(VENV)/bin/python bench/encoding.py
+	$(VENV)/bin/python bench/throughput.py
 
 setup: debs $(VENV)/.ready access
 
