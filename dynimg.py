@@ -24,14 +24,19 @@ import email.utils
 import errno
 import fcntl
 import hashlib
+import hmac
 import html
 import http
+import http.client
+import ipaddress
 import io
 import json
 import logging
 import math
 import os
 import re
+import socket
+import ssl
 import sys
 import tempfile
 import threading
@@ -41,7 +46,7 @@ import urllib.parse
 import warnings
 from typing import Optional
 
-from PIL import Image, ImageCms, ImageMath, UnidentifiedImageError
+from PIL import Image, ImageCms, ImageMath, PngImagePlugin, UnidentifiedImageError
 
 # --- constants and tables ---------------------------------------------------
 
@@ -197,6 +202,22 @@ class Unprocessable(HTTPError):
     image = "error_image"
 
 
+class BadGateway(HTTPError):
+    status = 502
+    image = "error_image"
+
+
+class Busy(HTTPError):
+    """No render slot came free within queue_timeout: come back shortly."""
+
+    status = 503
+
+
+class GatewayTimeout(HTTPError):
+    status = 504
+    image = "error_image"
+
+
 class InternalError(HTTPError):
     status = 500
     image = "error_image"
@@ -239,6 +260,9 @@ DEFAULTS = {
         "max_dpr": "4",
         "max_source_bytes": "52428800",
         "max_source_pixels": "100000000",
+        "allowed_widths": "",
+        "max_concurrent_renders": "0",
+        "queue_timeout": "10",
     },
     "hints": {
         "downlink_classes": "slow-2g 0.05, 2g 0.07, 3g 0.7, 4g",
@@ -256,6 +280,11 @@ DEFAULTS = {
     },
     "remote": {
         "allowed_hosts": "",
+        "allowed_networks": "",
+        "connect_timeout": "3",
+        "read_timeout": "10",
+        "max_redirects": "3",
+        "refetch_after": "3600",
     },
     "network.default": {"quality": "80", "min_quality": "60", "max_bytes": "0", "max_dpr": "3"},
     "network.save-data": {"quality": "45", "min_quality": "30", "max_bytes": "30000",
@@ -306,6 +335,9 @@ class Config:
     max_dpr: float
     max_source_bytes: int
     max_source_pixels: int
+    allowed_widths: tuple
+    max_concurrent_renders: int
+    queue_timeout: float
     downlink_classes: tuple
     width_steps: tuple
     dpr_steps: tuple
@@ -313,6 +345,11 @@ class Config:
     profiles: types.MappingProxyType
     signing_keys: tuple
     allowed_hosts: tuple
+    allowed_networks: tuple
+    connect_timeout: float
+    read_timeout: float
+    max_redirects: int
+    refetch_after: int
 
 
 def default_config_path():
@@ -358,13 +395,22 @@ def load_config(path=None):
         max_dpr=read.number("limits", "max_dpr", 1, 4),
         max_source_bytes=read.integer("limits", "max_source_bytes", 1),
         max_source_pixels=read.integer("limits", "max_source_pixels", 1),
+        allowed_widths=read.numbers("limits", "allowed_widths", int, empty=True),
+        max_concurrent_renders=(read.integer("limits", "max_concurrent_renders", 0, 1024)
+                                or os.cpu_count() or 2),
+        queue_timeout=read.number("limits", "queue_timeout", 0, 600),
         downlink_classes=read.downlink_classes(),
         width_steps=read.numbers("hints", "width_steps", int),
         dpr_steps=read.numbers("hints", "dpr_steps", float),
         screens=types.MappingProxyType(read.screens()),
         profiles=types.MappingProxyType(read.profiles()),
         signing_keys=tuple(read.words("security", "signing_key")),
-        allowed_hosts=tuple(read.words("remote", "allowed_hosts")),
+        allowed_hosts=tuple(word.lower() for word in read.words("remote", "allowed_hosts")),
+        allowed_networks=read.networks("remote", "allowed_networks"),
+        connect_timeout=read.number("remote", "connect_timeout", 0.1, 600),
+        read_timeout=read.number("remote", "read_timeout", 0.1, 600),
+        max_redirects=read.integer("remote", "max_redirects", 0, 20),
+        refetch_after=read.integer("remote", "refetch_after", 1),
     )
 
 
@@ -428,14 +474,21 @@ class _ConfigReader:
             self._fail(section, key, "a hex colour such as fff or ffffff")
         return value
 
-    def numbers(self, section, key, kind):
+    def numbers(self, section, key, kind, empty=False):
         try:
             values = tuple(sorted(kind(word) for word in self.words(section, key)))
         except ValueError:
-            values = ()
-        if not values or values[0] <= 0:
+            values = (0,)
+        if (not values and not empty) or (values and values[0] <= 0):
             self._fail(section, key, "a list of positive numbers")
         return values
+
+    def networks(self, section, key):
+        try:
+            return tuple(ipaddress.ip_network(word, strict=False)
+                         for word in self.words(section, key))
+        except ValueError:
+            self._fail(section, key, "a list of networks such as 10.0.0.0/8")
 
     def downlink_classes(self):
         """'slow-2g 0.05, 2g 0.07, 3g 0.7, 4g': class for a downlink below each figure."""
@@ -483,10 +536,18 @@ def configure_logging(config):
     log.propagate = False
 
 
+#: PNG text chunks: the most one chunk, and all of them together, may decompress to.
+MAX_TEXT_CHUNK = 256 * 1024
+MAX_TEXT_MEMORY = 1024 * 1024
+
+
 def apply_limits(config):
-    """Make Pillow itself refuse sources over max_source_pixels, before decoding."""
+    """Make Pillow itself refuse sources over max_source_pixels, before decoding,
+    and PNG text-chunk bombs."""
     Image.MAX_IMAGE_PIXELS = config.max_source_pixels
     warnings.simplefilter("error", Image.DecompressionBombWarning)
+    PngImagePlugin.MAX_TEXT_CHUNK = MAX_TEXT_CHUNK
+    PngImagePlugin.MAX_TEXT_MEMORY = MAX_TEXT_MEMORY
 
 
 # --- request parsing ----------------------------------------------------------
@@ -513,6 +574,7 @@ class Spec:
     min_quality: int
     max_bytes: int
     bg: str
+    url: str = ""
     keep_copyright: bool = False
     png_palette: bool = False
     network: str = "default"
@@ -535,7 +597,8 @@ _KEY_FIELDS = _FIELD_NAMES[:_FIELD_NAMES.index("network")]
 def parse_spec(environ, config):
     """Turn a WSGI environ into a Spec; raises BadRequest naming the parameter."""
     params = _parse_query(environ.get("QUERY_STRING", ""))
-    name = _request_name(environ, params)
+    check_signature(environ, config)
+    name, url = _request_source(environ, params, config)
     headers = _Headers(environ)
     network, vary = _choose_network(params, headers, config)
     profile = config.profiles[network]
@@ -545,7 +608,7 @@ def parse_spec(environ, config):
     image_format, png_for_alpha, vary = _choose_format(params, headers, config, vary)
     quality = _int_param(params, "quality", 1, 100, profile.quality)
     return Spec(
-        name=name, width=width, height=height, fit=fit,
+        name=name, url=url, width=width, height=height, fit=fit,
         gravity=_choice_param(params, "gravity", GRAVITIES, "center") if fit in ("cover", "pad")
         else "center",
         upscale=_bool_param(params, "upscale", False),
@@ -577,22 +640,28 @@ def _parse_query(query):
     return types.MappingProxyType(params)
 
 
-def _request_name(environ, params):
-    """The source name, from the path form (/images/x.jpg) or ?name=."""
-    raw_path = environ.get("PATH_INFO", "")
-    try:
-        # PEP 3333 hands PATH_INFO over as latin-1; the URL's bytes were UTF-8.
-        path_name = raw_path.encode("latin-1").decode("utf-8").lstrip("/")
-    except UnicodeError:
-        raise BadRequest("name: the path must be UTF-8 text") from None
+def _request_source(environ, params, config):
+    """(name, url): the path form (/images/x.jpg), ?name=, or a remote ?url=."""
+    path_name = _path_info(environ).lstrip("/")
+    given = [what for what, present in (("the path", path_name), ("name", "name" in params),
+                                        ("url", "url" in params)) if present]
+    if len(given) > 1:
+        raise BadRequest(f"{'url' if 'url' in params else 'name'}: give one source, not "
+                         + " and ".join(given))
     if "url" in params:
-        raise Forbidden("url: remote sources are not enabled on this server")
-    if path_name and "name" in params:
-        raise BadRequest("name: given both in the path and in the query")
+        return "", check_remote_url(params["url"], config)
     name = path_name or params.get("name", "")
     if not name:
         raise BadRequest("name: required, as /images/NAME or ?name=NAME")
-    return _check_name(name)
+    return _check_name(name), ""
+
+
+def _path_info(environ):
+    try:
+        # PEP 3333 hands PATH_INFO over as latin-1; the URL's bytes were UTF-8.
+        return environ.get("PATH_INFO", "").encode("latin-1").decode("utf-8")
+    except UnicodeError:
+        raise BadRequest("name: the path must be UTF-8 text") from None
 
 
 def _check_name(name):
@@ -656,6 +725,8 @@ def _choose_box(params, headers, dpr, config, vary):
     """The target box in device pixels, from width/height, hints and the screen."""
     width = _int_param(params, "width", 1, config.max_width, None)
     height = _int_param(params, "height", 1, config.max_height, None)
+    if width and config.allowed_widths and width not in config.allowed_widths:
+        raise BadRequest("width: must be one of " + ", ".join(map(str, config.allowed_widths)))
     if width or height:
         width = width and round(width * dpr)
         height = height and round(height * dpr)
@@ -837,6 +908,53 @@ def http_date(timestamp):
     return email.utils.formatdate(timestamp, usegmt=True)
 
 
+def canonical_request(path, query):
+    """What a signature covers: the path under the mount point, '?', then every
+    parameter but sig, sorted, percent-encoded (RFC 3986 unreserved kept)."""
+    pairs = sorted((name, value) for name, value in
+                   urllib.parse.parse_qsl(query, keep_blank_values=True) if name != "sig")
+    return path + "?" + urllib.parse.urlencode(pairs, quote_via=urllib.parse.quote, safe="")
+
+
+def sign(path, query, key):
+    """Hex HMAC-SHA256 of the canonical request."""
+    message = canonical_request(path, query).encode("utf-8")
+    return hmac.new(key.encode("utf-8"), message, hashlib.sha256).hexdigest()
+
+
+def check_signature(environ, config):
+    """With signing keys set, every image request must carry a valid sig (any key)."""
+    if not config.signing_keys:
+        return
+    query = environ.get("QUERY_STRING", "")
+    given = [value for name, value in urllib.parse.parse_qsl(query) if name == "sig"]
+    expected = [sign(_path_info(environ) or "/", query, key) for key in config.signing_keys]
+    if not given or not any(hmac.compare_digest(given[0].lower(), digest)
+                            for digest in expected):
+        raise Forbidden("sig: missing or wrong signature")
+
+
+def check_remote_url(url, config):
+    """Refuse a url= whose scheme or host the [remote] policy does not allow."""
+    parts = urllib.parse.urlsplit(url)
+    host = (parts.hostname or "").lower()
+    if parts.scheme not in ("http", "https") or not host:
+        raise BadRequest("url: must be an http or https URL")
+    if not any(host == allowed or (allowed.startswith("*.") and host.endswith(allowed[1:]))
+               for allowed in config.allowed_hosts):
+        raise Forbidden("url: this host is not allowed as a remote source")
+    return url
+
+
+def is_public_address(address, allowed_networks=()):
+    """Whether an address may be fetched: public, or in an explicitly allowed network."""
+    address = ipaddress.ip_address(address)
+    if any(address in network for network in allowed_networks):
+        return True
+    return not (address.is_private or address.is_loopback or address.is_link_local
+                or address.is_multicast or address.is_reserved or address.is_unspecified)
+
+
 def confine(root, name):
     """The real path of `name` under `root`; NotFound if it resolves outside it."""
     path = os.path.realpath(os.path.join(root, name))
@@ -873,7 +991,11 @@ class Rendered:
 
 
 def stat_source(spec, config):
-    """The named source's identity, from a stat, without reading it (for hits and 304s)."""
+    """The named source's identity, from a stat, without reading it (for hits and 304s).
+    A remote source's identity is its URL and the refetch period it falls in."""
+    if spec.url:
+        period = int(time.time()) // config.refetch_after
+        return Source(spec.url, ("url", spec.url, period), period * config.refetch_after)
     path = confine(config.image_root, spec.name)
     try:
         stat = os.stat(path)
@@ -887,6 +1009,9 @@ def stat_source(spec, config):
 
 def open_source(spec, config):
     """Read the named source inside the image root, refusing oversize files early."""
+    if spec.url:
+        source = stat_source(spec, config)
+        return dataclasses.replace(source, data=fetch_remote(spec.url, config))
     path = confine(config.image_root, spec.name)
     try:
         with open(path, "rb") as file:
@@ -903,6 +1028,121 @@ def open_source(spec, config):
         raise Unprocessable("source is larger than max_source_bytes")
     relative = os.path.relpath(path, config.image_root)
     return Source(path, (relative, stat.st_size, stat.st_mtime_ns), stat.st_mtime, data)
+
+
+def fetch_remote(url, config):
+    """GET a remote source safely: allowed hosts only, each resolved once and checked
+    (no private, loopback, link-local, multicast or reserved address unless allowed),
+    connected to by that checked address, redirects re-checked, body capped."""
+    for _ in range(config.max_redirects + 1):
+        parts = urllib.parse.urlsplit(check_remote_url(url, config))
+        address = _checked_address(parts, config)
+        response, connection = _remote_get(parts, address, config)
+        try:
+            if response.status in (301, 302, 303, 307, 308) and response.getheader("Location"):
+                url = urllib.parse.urljoin(url, response.getheader("Location"))
+                continue
+            if response.status == 404:
+                raise NotFound("no such image", f"remote {url} answered 404")
+            if response.status != 200:
+                raise BadGateway("remote source answered with an error",
+                                 f"remote {url} answered {response.status}")
+            return _read_capped(response, config)
+        finally:
+            connection.close()
+    raise BadGateway("remote source redirects too often")
+
+
+def _checked_address(parts, config):
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    try:
+        infos = socket.getaddrinfo(parts.hostname, port, type=socket.SOCK_STREAM)
+    except (socket.gaierror, UnicodeError):
+        raise BadGateway("remote host does not resolve") from None
+    address = infos[0][4][0]
+    if not is_public_address(address, config.allowed_networks):
+        raise Forbidden("url: the remote host's address is not allowed")
+    return address
+
+
+def _remote_get(parts, address, config):
+    """One GET over a connection to the address already checked (no second lookup)."""
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    connection = _PinnedConnection(parts.hostname, port, address, parts.scheme == "https",
+                                   config.connect_timeout, config.read_timeout)
+    path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+    try:
+        connection.request("GET", path, headers={"User-Agent": f"dynimg/{VERSION}",
+                                                 "Accept": "image/*"})
+        return connection.getresponse(), connection
+    except TimeoutError:
+        connection.close()
+        raise GatewayTimeout("remote source timed out") from None
+    except (OSError, http.client.HTTPException) as error:
+        connection.close()
+        raise BadGateway("remote source is unreachable", repr(error)) from None
+
+
+def _read_capped(response, config):
+    declared = response.getheader("Content-Length")
+    if declared and declared.isdigit() and int(declared) > config.max_source_bytes:
+        raise Unprocessable("source is larger than max_source_bytes")
+    chunks, total = [], 0
+    try:
+        while chunk := response.read(65536):
+            total += len(chunk)
+            if total > config.max_source_bytes:
+                raise Unprocessable("source is larger than max_source_bytes")
+            chunks.append(chunk)
+    except TimeoutError:
+        raise GatewayTimeout("remote source timed out") from None
+    except (OSError, http.client.HTTPException) as error:
+        raise BadGateway("remote source broke off", repr(error)) from None
+    return b"".join(chunks)
+
+
+class _PinnedConnection(http.client.HTTPConnection):
+    """An HTTP(S) connection to a fixed, checked address, with the URL's host name
+    for Host and TLS (so DNS cannot be asked twice and answer differently)."""
+
+    def __init__(self, host, port, address, tls, connect_timeout, read_timeout):
+        super().__init__(host, port, timeout=read_timeout)
+        self.address, self.tls, self.connect_timeout = address, tls, connect_timeout
+
+    def connect(self):
+        self.sock = socket.create_connection((self.address, self.port), self.connect_timeout)
+        self.sock.settimeout(self.timeout)
+        if self.tls:
+            context = ssl.create_default_context()
+            self.sock = context.wrap_socket(self.sock, server_hostname=self.host)
+
+
+class RenderSlots:
+    """At most max_concurrent_renders renders at once in this process; a request
+    that cannot get a slot within queue_timeout is turned away (503), so load
+    cannot pile up memory."""
+
+    def __init__(self, count, timeout):
+        self.semaphore = threading.BoundedSemaphore(count)
+        self.timeout = timeout
+
+    def __enter__(self):
+        if not self.semaphore.acquire(timeout=self.timeout):
+            raise Busy("busy: try again shortly")
+
+    def __exit__(self, *exc_info):
+        self.semaphore.release()
+
+
+_render_slots = {}
+
+
+def render_slots(config):
+    """This process's render slots for this config."""
+    key = (config.max_concurrent_renders, config.queue_timeout)
+    if key not in _render_slots:
+        _render_slots[key] = RenderSlots(*key)
+    return _render_slots[key]
 
 
 def open_image(data, config):
@@ -1557,6 +1797,8 @@ def error_response(error, spec, config):
     headers = (("Cache-Control", f"public, max-age={config.error_max_age}"),)
     if isinstance(error, MethodNotAllowed):
         return Response(405, headers + (("Allow", "GET, HEAD"), ("Content-Type", "text/plain")))
+    if isinstance(error, Busy):
+        headers = (("Cache-Control", "no-store"), ("Retry-After", "2"))
     if error.image is None:
         return Response(error.status, headers + (("Content-Type", "text/plain; charset=utf-8"),),
                         (error.message + "\n").encode())
@@ -1610,6 +1852,9 @@ TYPICAL_KBITS = {"slow-2g": 50, "2g": 70, "3g": 700, "4g": 4000, "wifi": 20000}
 
 def demo_response(environ, config):
     """An HTML page showing one image as each network class would receive it."""
+    if config.signing_keys:
+        # the demo renders any name and size: with signed URLs, it would bypass them
+        raise Forbidden("the demo page is off while URLs must be signed")
     params = _parse_query(environ.get("QUERY_STRING", ""))
     width = _int_param(params, "width", 1, config.max_width, 640)
     if "name" not in params:
@@ -1744,9 +1989,10 @@ def _client_has_it(environ, key, source):
 def render_response(spec, source, config, cache=None):
     """Render (keyed by the identity of the bytes actually read) and keep the result."""
     key = spec.key(source.identity)
-    rendered = render(source.data, spec, config)
+    with render_slots(config):
+        rendered = render(source.data, spec, config)
     if cache is not None:
-        entry = CacheEntry(key, source_tag(source.identity[0]), rendered.width,
+        entry = CacheEntry(key, source_tag(spec.url or source.identity[0]), rendered.width,
                            rendered.height, rendered.quality, rendered.animated,
                            len(rendered.data), rendered.format)
         cache.store(entry, rendered.data)
@@ -1827,6 +2073,9 @@ def main(argv=None):
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8000)
     commands.add_parser("check", help="check the config and exit")
+    sign_command = commands.add_parser("sign", help="print a signed URL")
+    sign_command.add_argument("url", help='such as "/images/sunset.jpg?width=300"')
+    sign_command.add_argument("--mount", default="/images", help="where the app is mounted")
     cache = commands.add_parser("cache", help="the result cache: stats, purge NAME, prune")
     cache.add_argument("action", choices=("stats", "purge", "prune"))
     cache.add_argument("name", nargs="?", help="with purge: the source whose variants go")
@@ -1851,6 +2100,18 @@ def main(argv=None):
 
 def _command_check(args, config):
     print(f"{config.path}: ok (image root {config.image_root})")
+    return 0
+
+
+def _command_sign(args, config):
+    if not config.signing_keys:
+        print("dynimg: no signing_key is set in [security]", file=sys.stderr)
+        return 1
+    path, _, query = args.url.partition("?")
+    path = urllib.parse.unquote(path)
+    inside = path[len(args.mount):] if path.startswith(args.mount) else path
+    signature = sign(inside or "/", query, config.signing_keys[0])
+    print(f"{args.url}{'&' if query else '?'}sig={signature}")
     return 0
 
 
@@ -1919,7 +2180,7 @@ def _command_render(args, config):
 
 
 COMMANDS = {"serve": _command_serve, "check": _command_check, "render": _command_render,
-            "cache": _command_cache}
+            "cache": _command_cache, "sign": _command_sign}
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -101,9 +101,12 @@ class App:
         self.app = validator(dynimg.application)
 
     def request(self, path="/", query="", method="GET", headers=None):
+        return self.request_raw(path.encode("utf-8").decode("latin-1"), query, method, headers)
+
+    def request_raw(self, path_info, query="", method="GET", headers=None):
+        """PATH_INFO exactly as a server would pass it (bytes as latin-1)."""
         environ = {"REQUEST_METHOD": method, "SCRIPT_NAME": "/images",
-                   "PATH_INFO": path.encode("utf-8").decode("latin-1"),
-                   "QUERY_STRING": query}
+                   "PATH_INFO": path_info, "QUERY_STRING": query}
         for name, value in (headers or {}).items():
             environ["HTTP_" + name.upper().replace("-", "_")] = value
         setup_testing_defaults(environ)
