@@ -9,7 +9,7 @@ VENV := .venv
 DEBIAN_PACKAGES := apache2 apache2-dev build-essential python3-dev python3-venv \
 	libjpeg-dev zlib1g-dev libpng-dev libwebp-dev libtiff-dev liblcms2-dev \
 	libfreetype-dev libopenjp2-7-dev
-TEST_DEBIAN_PACKAGES := chromium colord-data icc-profiles-free nginx varnish wrk
+TEST_DEBIAN_PACKAGES := chromium colord-data icc-profiles-free libgs-common nginx varnish wrk
 
 RUN_AS := $(if $(filter 0,$(shell id -u)),--user www-data --group www-data)
 

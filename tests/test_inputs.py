@@ -380,3 +380,19 @@ def test_16_bit_grey_is_scaled_and_its_trns_becomes_alpha(app, image_root):
     assert output.mode == "LA"
     assert output.getpixel((50, 50))[1] == 0 and output.getpixel((400, 400))[1] == 255
     assert abs(output.getpixel((400, 400))[0] - grey.getpixel((400, 400))) <= 1
+
+
+CMYK_PROFILE = "/usr/share/color/icc/ghostscript/default_cmyk.icc"
+
+
+def test_cmyk_profile_is_converted(app, image_root):
+    profile = needs(CMYK_PROFILE)
+    cmyk = Image.open(os.path.join(image_root, "cmyk.jpg"))
+    assert cmyk.mode == "CMYK"
+    path = derived(image_root, "cmyk-icc.jpg", cmyk, "JPEG", quality=95, icc_profile=profile)
+    output = app.request("/cmyk-icc.jpg", "width=400&format=png").image()
+    assert output.mode == "RGB"
+    expected = reference(path).resize(output.size, Image.Resampling.LANCZOS)
+    naive = Image.open(path).convert("RGB").resize(output.size, Image.Resampling.LANCZOS)
+    assert difference(output, expected) < 2
+    assert difference(output, naive) > 2 * difference(output, expected)
