@@ -26,12 +26,20 @@ test: setup
 	scripts/setup debs $(TEST_DEBIAN_PACKAGES)
 	$(VENV)/bin/python -m pytest
 
-# Figures for the README: network profiles, encoder settings, HTTP throughput.
-bench: setup
+# Figures for the README: render speed against libvips, network profiles,
+# encoder settings, HTTP throughput. Not part of `make test`.
+bench: setup .venv-bench/.ready
 	scripts/setup debs wrk varnish
+	taskset -c 1 $(VENV)/bin/python bench/render.py
 	$(VENV)/bin/python bench/profiles.py
 	$(VENV)/bin/python bench/encoding.py
 	$(VENV)/bin/python bench/throughput.py
+
+# libvips for the comparison lives in its own venv, never in the runtime one.
+.venv-bench/.ready:
+	/usr/bin/python3 -m venv .venv-bench
+	.venv-bench/bin/pip install -q pyvips==3.2.0 pyvips-binary==8.18.7
+	touch $@
 
 setup: debs $(VENV)/.ready access
 

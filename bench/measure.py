@@ -32,11 +32,12 @@ def _box_mean(array, size):
 
 
 def ssim(reference, candidate, window=8):
-    """Mean SSIM of the luma of two images (the candidate is resized to the reference)."""
+    """Mean SSIM of the luma of two images (the candidate is resized to the reference);
+    a mode "F" image is taken as luma already (a float reference)."""
     if candidate.size != reference.size:
         candidate = candidate.resize(reference.size, Image.Resampling.LANCZOS)
-    x = numpy.asarray(reference.convert("L"), dtype=numpy.float64)
-    y = numpy.asarray(candidate.convert("L"), dtype=numpy.float64)
+    x, y = (numpy.asarray(image if image.mode == "F" else image.convert("L"),
+                          dtype=numpy.float64) for image in (reference, candidate))
     c1, c2 = (0.01 * 255) ** 2, (0.03 * 255) ** 2
     mx, my = _box_mean(x, window), _box_mean(y, window)
     vx = _box_mean(x * x, window) - mx * mx
