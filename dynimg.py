@@ -737,17 +737,14 @@ def _choose_box(params, headers, dpr, config, vary):
     screen, vary = _choose_screen(params, headers, config, vary)
     if screen:
         screen_width, screen_height = (round(side * dpr) for side in screen)
+        alone = width is None and height is None
         width = min(width or screen_width, screen_width)
-        height = min(height, screen_height) if height else (None if width else screen_height)
-        if not height and "screensize" in params and not _box_in_params(params):
-            height = screen_height
-    if width is None and height is None and "DPR" in vary and not screen:
-        vary = vary - {"Sec-CH-DPR", "DPR"}
+        if height or (alone and "screensize" in params):
+            # a named or given screen alone sizes the image to fit it
+            height = min(height or screen_height, screen_height)
+    if width is None and height is None:
+        vary = vary - {"Sec-CH-DPR", "DPR"}  # with no box, the density changes nothing
     return _clamp(width, config.max_width), _clamp(height, config.max_height), vary
-
-
-def _box_in_params(params):
-    return "width" in params or "height" in params
 
 
 def _choose_screen(params, headers, config, vary):
