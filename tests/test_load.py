@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 import dynimg
-from conftest import IS_ROOT, App, ModWsgiExpress, shared_tempdir, write_config
+from conftest import IS_ROOT, ModWsgiExpress, shared_tempdir, write_config
 
 #: The bound on a daemon process's peak RSS under this load (measured: see README).
 RSS_BOUND_MB = 400
