@@ -926,15 +926,19 @@ def check_signature(environ, config):
     query = environ.get("QUERY_STRING", "")
     given = [value for name, value in urllib.parse.parse_qsl(query) if name == "sig"]
     expected = [sign(_path_info(environ) or "/", query, key) for key in config.signing_keys]
-    if not given or not any(hmac.compare_digest(given[0].lower(), digest)
-                            for digest in expected):
+    # bytes, as compare_digest refuses non-ASCII text (a hostile sig must not raise)
+    signature = given[0].lower().encode("utf-8") if given else b""
+    if not any(hmac.compare_digest(signature, digest.encode()) for digest in expected):
         raise Forbidden("sig: missing or wrong signature")
 
 
 def check_remote_url(url, config):
     """Refuse a url= whose scheme or host the [remote] policy does not allow."""
-    parts = urllib.parse.urlsplit(url)
-    host = (parts.hostname or "").lower()
+    try:
+        parts = urllib.parse.urlsplit(url)
+        host, _ = (parts.hostname or "").lower(), parts.port  # port: ValueError if bad
+    except ValueError:
+        raise BadRequest("url: must be an http or https URL") from None
     if parts.scheme not in ("http", "https") or not host:
         raise BadRequest("url: must be an http or https URL")
     if not any(host == allowed or (allowed.startswith("*.") and host.endswith(allowed[1:]))

@@ -94,6 +94,8 @@ def test_requests_without_a_valid_signature_are_403(signed_app):
     assert app.request("/photo-medium-1.jpg", "width=100").status == 403
     reply = app.request("/photo-medium-1.jpg", "width=100&sig=" + "0" * 64)
     assert reply.status == 403 and reply.text.startswith("sig:")
+    for hostile in ("%C3%A9" * 32, "", "%00"):
+        assert app.request("/photo-medium-1.jpg", "width=100&sig=" + hostile).status in (400, 403)
     assert app.request("/_demo", "name=photo-medium-1.jpg").status == 403
 
 
@@ -287,6 +289,8 @@ def test_remote_sources_follow_the_policy(remote_app, origin, path, status):
     ("ftp://127.0.0.1/photo.jpg", 400),
     ("file:///etc/passwd", 400),
     ("http:///photo.jpg", 400),
+    ("http://127.0.0.1:99999/photo.jpg", 400),
+    ("http://[::1/photo.jpg", 400),
 ])
 def test_remote_urls_off_policy_are_refused(remote_app, url, status):
     assert remote(remote_app(), url).status == status
