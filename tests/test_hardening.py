@@ -464,3 +464,15 @@ def test_mutated_corpus_files_answer_200_or_422_in_bounded_time(app, image_root,
         assert reply.status in (200, 422), (name, index, reply.status)
         statuses[reply.status] = statuses.get(reply.status, 0) + 1
     assert sum(statuses.values()) == 30
+
+
+@settings(max_examples=200, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(query=st.text(max_size=80), path=st.text(max_size=20))
+def test_signature_checking_never_fails_other_than_with_an_http_error(signed_app, query, path):
+    _, config = signed_app
+    environ = {"PATH_INFO": "/" + path.encode("utf-8", "surrogatepass").decode("latin-1"),
+               "QUERY_STRING": urllib.parse.quote(query, safe="=&%")}
+    with pytest.raises(dynimg.HTTPError) as raised:
+        dynimg.check_signature(environ, config)
+    assert raised.value.status in (400, 403)
