@@ -59,9 +59,9 @@ def start(command, env=None):
                             env=env, start_new_session=True)
 
 
-def start_dynimg(folder, port):
+def start_dynimg(folder, port, processes=2, threads=4):
     cache = os.path.join(folder, "cache")
-    os.makedirs(cache)
+    os.makedirs(cache, exist_ok=True)
     os.chmod(cache, 0o777)
     config = os.path.join(folder, "dynimg.ini")
     with open(config, "w") as ini:
@@ -70,8 +70,8 @@ def start_dynimg(folder, port):
                   f"error_image = {PROJECT}/errorimage.png\n[cache]\ncache_dir = {cache}\n")
     command = [os.path.join(PROJECT, ".venv", "bin", "mod_wsgi-express"), "start-server",
                os.path.join(PROJECT, "dynimg.wsgi"), "--host", "127.0.0.1", "--port", str(port),
-               "--mount-point", "/images", "--processes", "2", "--threads", "4",
-               "--server-root", os.path.join(folder, "apache"),
+               "--mount-point", "/images", "--processes", str(processes),
+               "--threads", str(threads), "--server-root", os.path.join(folder, "apache"),
                "--url-alias", "/static", cache]
     if os.geteuid() == 0:
         command += ["--user", "www-data", "--group", "www-data"]
@@ -110,11 +110,36 @@ def _latency(output, percentile):
     return float(value) * {"us": 0.001, "ms": 1, "s": 1000}[unit]
 
 
+def scaling(args):
+    """Uncached renders by processes x threads, to choose the shipped defaults."""
+    print("| processes x threads | requests/s | p50 ms | p99 ms |\n|---|---:|---:|---:|")
+    for processes, threads in ((1, 1), (1, 4), (2, 1), (2, 4), (4, 2)):
+        folder = tempfile.mkdtemp(prefix="dynimg-bench-")
+        os.chmod(folder, 0o755)
+        port = free_port()
+        process, _ = start_dynimg(folder, port, processes, threads)
+        try:
+            script = os.path.join(folder, "miss.lua")
+            with open(script, "w") as file:
+                file.write(MISS_SCRIPT % IMAGE)
+            rate, p50, p99, _ = wrk(f"http://127.0.0.1:{port}/", args.seconds,
+                                    args.connections, script)
+        finally:
+            os.killpg(process.pid, 15)
+            process.wait()
+            shutil.rmtree(folder, ignore_errors=True)
+        print(f"| {processes} x {threads} | {rate:.1f} | {p50:.0f} | {p99:.0f} |")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--seconds", type=int, default=10)
     parser.add_argument("--connections", type=int, default=16)
+    parser.add_argument("--scaling", action="store_true",
+                        help="only measure uncached renders by processes x threads")
     args = parser.parse_args()
+    if args.scaling:
+        return scaling(args)
     folder = tempfile.mkdtemp(prefix="dynimg-bench-")
     os.chmod(folder, 0o755)
     processes = []
