@@ -1495,6 +1495,9 @@ _FORMAT_CHECKS = {
     and int.from_bytes(head[4:8], "little") + 8 == size,
 }
 
+#: Server-Timing of an answer from the result cache.
+CACHE_HIT_TIMING = "cache;desc=hit"
+
 #: A hit refreshes its entry's mtime (the LRU clock) at most this often, in seconds.
 TOUCH_INTERVAL = 3600
 
@@ -1747,38 +1750,25 @@ class Response:
     length: Optional[int] = None
 
 
-def image_response(spec, source, rendered, config, key):
-    """200 with the encoded image and every header caches and browsers need."""
-    timing = ", ".join(f"{name};dur={seconds * 1000:.1f}" for name, seconds in rendered.timings)
-    headers = _image_headers(spec, config, FORMATS[rendered.format][1]) + (
-        ("X-Image-Key", key),
-        ("ETag", f'"{key}"'),
-        ("Last-Modified", http_date(source.mtime)),
+def image_response(spec, source, entry, config, body, timing):
+    """200 with the image (bytes, or an open cache file that goes out through
+    wsgi.file_wrapper) and every header caches and browsers need."""
+    headers = _image_headers(spec, config, FORMATS[entry.format][1]) + _validators(
+        entry.key, source) + (
         ("Server-Timing", timing),
-        ("X-Image-Size", f"{rendered.width}x{rendered.height}"),
-        ("X-Image-Quality", str(rendered.quality)),
-        ("X-Image-Network", spec.network),
-    ) + ((("X-Image-Frames", "first (the source is animated)"),) if rendered.animated else ())
-    return Response(200, headers, rendered.data)
-
-
-def cached_response(spec, source, entry, file, config):
-    """200 from the result cache: the file goes out through wsgi.file_wrapper."""
-    headers = _image_headers(spec, config, FORMATS[entry.format][1]) + (
-        ("X-Image-Key", entry.key),
-        ("ETag", f'"{entry.key}"'),
-        ("Last-Modified", http_date(source.mtime)),
-        ("Server-Timing", "cache;desc=hit"),
         ("X-Image-Size", f"{entry.width}x{entry.height}"),
         ("X-Image-Quality", str(entry.quality)),
         ("X-Image-Network", spec.network),
     ) + ((("X-Image-Frames", "first (the source is animated)"),) if entry.animated else ())
-    return Response(200, headers, file, entry.length)
+    return Response(200, headers, body, entry.length)
 
 
 def not_modified_response(spec, source, config, key):
-    return Response(304, _image_headers(spec, config, None) + (
-        ("X-Image-Key", key), ("ETag", f'"{key}"'), ("Last-Modified", http_date(source.mtime))))
+    return Response(304, _image_headers(spec, config, None) + _validators(key, source))
+
+
+def _validators(key, source):
+    return (("X-Image-Key", key), ("ETag", f'"{key}"'), ("Last-Modified", http_date(source.mtime)))
 
 
 def _image_headers(spec, config, content_type):
@@ -1968,13 +1958,13 @@ def serve_image(spec, environ, config):
     if cache is None:
         return render_response(spec, open_source(spec, config), config)
     hit = cache.lookup(key)
-    if hit:
-        return cached_response(spec, source, *hit, config)
-    with cache.lock(key):
-        hit = cache.lookup(key)  # another process may have made it while we waited
-        if hit:
-            return cached_response(spec, source, *hit, config)
-        return render_response(spec, open_source(spec, config), config, cache)
+    if hit is None:
+        with cache.lock(key):
+            hit = cache.lookup(key)  # another process may have made it while we waited
+            if hit is None:
+                return render_response(spec, open_source(spec, config), config, cache)
+    entry, file = hit
+    return image_response(spec, source, entry, config, file, CACHE_HIT_TIMING)
 
 
 def _client_has_it(environ, key, source):
@@ -1992,12 +1982,13 @@ def render_response(spec, source, config, cache=None):
     key = spec.key(source.identity)
     with render_slots(config):
         rendered = render(source.data, spec, config)
+    entry = CacheEntry(key, source_tag(spec.url or source.identity[0]), rendered.width,
+                       rendered.height, rendered.quality, rendered.animated,
+                       len(rendered.data), rendered.format)
     if cache is not None:
-        entry = CacheEntry(key, source_tag(spec.url or source.identity[0]), rendered.width,
-                           rendered.height, rendered.quality, rendered.animated,
-                           len(rendered.data), rendered.format)
         cache.store(entry, rendered.data)
-    return image_response(spec, source, rendered, config, key)
+    timing = ", ".join(f"{name};dur={seconds * 1000:.1f}" for name, seconds in rendered.timings)
+    return image_response(spec, source, entry, config, rendered.data, timing)
 
 
 #: Paths that are the server's own pages rather than image names.
@@ -2045,7 +2036,7 @@ def application(environ, start_response):
              environ.get("REQUEST_METHOD"), environ.get("PATH_INFO"),
              environ.get("QUERY_STRING", ""), response.status, length,
              parsed[0].network if parsed else "-",
-             "hit" if headers_out.get("Server-Timing") == "cache;desc=hit" else "-",
+             "hit" if headers_out.get("Server-Timing") == CACHE_HIT_TIMING else "-",
              headers_out.get("X-Image-Key", "-"), (time.perf_counter() - started) * 1000)
     if environ.get("REQUEST_METHOD") == "HEAD" or response.status == 304:
         if hasattr(response.body, "close"):
