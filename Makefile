@@ -5,6 +5,12 @@ HOST ?= 127.0.0.1
 PROCESSES ?= 2
 THREADS ?= 4
 VENV := .venv
+SERVER_ROOT := /tmp/dynimg-$(PORT)
+# Apache's cache in front of dynimg is trimmed to this size
+FRONT_CACHE_LIMIT ?= 512M
+# Apache's own connections (cache hits, slow clients); too few and it keeps
+# starting and reaping children under load, dropping kept-alive connections
+MAX_CLIENTS ?= 64
 
 DEBIAN_PACKAGES := apache2 apache2-dev build-essential python3-dev python3-venv \
 	libjpeg-dev zlib1g-dev libpng-dev libwebp-dev libtiff-dev liblcms2-dev \
@@ -17,10 +23,17 @@ RUN_AS := $(if $(filter 0,$(shell id -u)),--user www-data --group www-data)
 
 serve: setup
 	@$(VENV)/bin/python dynimg.py check
+	@mkdir -p $(SERVER_ROOT)/htcache
+	@$(if $(RUN_AS),chown www-data:www-data $(SERVER_ROOT)/htcache)
 	@echo "dynimg: serving at http://$(HOST):$(PORT)/images/ (open /images/_demo?name=sunset.jpg)"
+	@# Apache's cache in front (apache/cache.conf), trimmed by htcacheclean while we serve
+	htcacheclean -d10 -n -t -p $(SERVER_ROOT)/htcache -l $(FRONT_CACHE_LIMIT) \
+		-P $(SERVER_ROOT)/htcacheclean.pid; \
+	trap 'kill $$(cat $(SERVER_ROOT)/htcacheclean.pid 2>/dev/null) 2>/dev/null' EXIT INT TERM; \
 	$(VENV)/bin/mod_wsgi-express start-server dynimg.wsgi --host $(HOST) --port $(PORT) \
 		--mount-point /images --processes $(PROCESSES) --threads $(THREADS) $(RUN_AS) \
-		--server-root /tmp/dynimg-$(PORT) --log-to-terminal
+		--max-clients $(MAX_CLIENTS) --server-root $(SERVER_ROOT) \
+		--include-file apache/cache.conf --log-to-terminal
 
 test: setup
 	scripts/setup debs $(TEST_DEBIAN_PACKAGES)
@@ -38,7 +51,7 @@ bench: setup .venv-bench/.ready
 # libvips for the comparison lives in its own venv, never in the runtime one.
 .venv-bench/.ready:
 	/usr/bin/python3 -m venv .venv-bench
-	.venv-bench/bin/pip install -q pyvips==3.2.0 pyvips-binary==8.18.7
+	.venv-bench/bin/pip install -q pyvips==3.2.0 pyvips-binary==8.18.7 thumbor==7.8.0
 	touch $@
 
 setup: debs $(VENV)/.ready access

@@ -125,8 +125,9 @@ ORIENTATIONS = {
 EXIF_ORIENTATION = 0x0112
 
 #: Client hints the server reads; every image response asks for them in Accept-CH.
-CLIENT_HINTS = ("ECT", "Downlink", "Save-Data", "Sec-CH-DPR", "Sec-CH-Viewport-Width",
-                "Sec-CH-Width")
+#: (Not Downlink: every browser that sends it sends ECT too, and its raw value,
+#: rounded to 25 kbit/s, would split each image into hundreds of cache variants.)
+CLIENT_HINTS = ("ECT", "Save-Data", "Sec-CH-DPR", "Sec-CH-Viewport-Width", "Sec-CH-Width")
 
 #: Where JPEG draft() decoding aims, as a multiple of the target size: DCT
 #: scaling to at least this much, then one LANCZOS resample for the rest.
@@ -238,6 +239,7 @@ DEFAULTS = {
         "log_file": "",
         "log_level": "INFO",
         "cache_max_age": "86400",
+        "shared_max_age": "60",
         "stale_while_revalidate": "3600",
         "stale_if_error": "86400",
         "error_max_age": "60",
@@ -265,7 +267,6 @@ DEFAULTS = {
         "queue_timeout": "10",
     },
     "hints": {
-        "downlink_classes": "slow-2g 0.05, 2g 0.07, 3g 0.7, 4g",
         "width_steps": "160 240 320 360 400 480 540 640 720 800 960 1080 1280 1440 "
                        "1600 1920 2048 2560 3200 3840",
         "dpr_steps": "1 1.5 2 3 4",
@@ -286,26 +287,36 @@ DEFAULTS = {
         "max_redirects": "3",
         "refetch_after": "3600",
     },
-    "network.default": {"quality": "80", "min_quality": "60", "max_bytes": "0", "max_dpr": "3"},
+    "network.default": {"quality": "80", "min_quality": "60", "max_bytes": "0", "max_dpr": "3",
+                        "progressive": "no"},
     "network.save-data": {"quality": "45", "min_quality": "30", "max_bytes": "30000",
-                          "max_dpr": "1"},
+                          "max_dpr": "1", "progressive": "yes"},
     "network.slow-2g": {"quality": "40", "min_quality": "30", "max_bytes": "10000",
-                        "max_dpr": "1"},
-    "network.2g": {"quality": "45", "min_quality": "30", "max_bytes": "16000", "max_dpr": "1"},
-    "network.3g": {"quality": "65", "min_quality": "45", "max_bytes": "120000", "max_dpr": "2"},
-    "network.4g": {"quality": "78", "min_quality": "60", "max_bytes": "500000", "max_dpr": "3"},
-    "network.wifi": {"quality": "82", "min_quality": "65", "max_bytes": "0", "max_dpr": "4"},
+                        "max_dpr": "1", "progressive": "yes"},
+    "network.2g": {"quality": "45", "min_quality": "30", "max_bytes": "16000", "max_dpr": "1",
+                   "progressive": "yes"},
+    "network.3g": {"quality": "65", "min_quality": "45", "max_bytes": "120000", "max_dpr": "2",
+                   "progressive": "yes"},
+    "network.4g": {"quality": "78", "min_quality": "60", "max_bytes": "500000", "max_dpr": "3",
+                   "progressive": "no"},
+    "network.wifi": {"quality": "82", "min_quality": "65", "max_bytes": "0", "max_dpr": "4",
+                     "progressive": "no"},
 }
+
+#: A class of the operator's own takes progressive JPEG unless it says otherwise.
+PROFILE_DEFAULTS = {"progressive": "yes"}
 
 
 @dataclasses.dataclass(frozen=True)
 class Profile:
-    """What one network class gets: quality, its floor, a byte budget and a dpr cap."""
+    """What one network class gets: quality, its floor, a byte budget, a dpr cap, and
+    whether its JPEGs are progressive."""
 
     quality: int
     min_quality: int
     max_bytes: int
     max_dpr: float
+    progressive: bool
 
 
 @dataclasses.dataclass(frozen=True)
@@ -319,6 +330,7 @@ class Config:
     log_file: str
     log_level: str
     cache_max_age: int
+    shared_max_age: int
     stale_while_revalidate: int
     stale_if_error: int
     error_max_age: int
@@ -338,7 +350,6 @@ class Config:
     allowed_widths: tuple
     max_concurrent_renders: int
     queue_timeout: float
-    downlink_classes: tuple
     width_steps: tuple
     dpr_steps: tuple
     screens: types.MappingProxyType
@@ -379,6 +390,7 @@ def load_config(path=None):
         log_file=read.path("server", "log_file"),
         log_level=read.choice("server", "log_level", logging.getLevelNamesMapping()),
         cache_max_age=read.integer("server", "cache_max_age", 0),
+        shared_max_age=read.integer("server", "shared_max_age", 0),
         stale_while_revalidate=read.integer("server", "stale_while_revalidate", 0),
         stale_if_error=read.integer("server", "stale_if_error", 0),
         error_max_age=read.integer("server", "error_max_age", 0),
@@ -399,7 +411,6 @@ def load_config(path=None):
         max_concurrent_renders=(read.integer("limits", "max_concurrent_renders", 0, 1024)
                                 or os.cpu_count() or 2),
         queue_timeout=read.number("limits", "queue_timeout", 0, 600),
-        downlink_classes=read.downlink_classes(),
         width_steps=read.numbers("hints", "width_steps", int),
         dpr_steps=read.numbers("hints", "dpr_steps", float),
         screens=types.MappingProxyType(read.screens()),
@@ -490,19 +501,6 @@ class _ConfigReader:
         except ValueError:
             self._fail(section, key, "a list of networks such as 10.0.0.0/8")
 
-    def downlink_classes(self):
-        """'slow-2g 0.05, 2g 0.07, 3g 0.7, 4g': class for a downlink below each figure."""
-        steps = [item.split() for item in self.text("hints", "downlink_classes").split(",")]
-        try:
-            *bounded, (last,) = steps
-            table = tuple((name, float(limit)) for name, limit in bounded) + ((last, math.inf),)
-        except ValueError:
-            table = ()
-        if not table or any(f"network.{name}" not in self.parser for name, _ in table):
-            self._fail("hints", "downlink_classes",
-                       "'CLASS MBPS, ..., CLASS' naming [network.*] classes")
-        return table
-
     def screens(self):
         screens = {}
         for name in self.parser["screens"]:
@@ -515,11 +513,14 @@ class _ConfigReader:
         profiles = {}
         for section in self.parser.sections():
             if section.startswith("network."):
+                for key, value in PROFILE_DEFAULTS.items():
+                    self.parser[section].setdefault(key, value)
                 profiles[section[len("network."):]] = Profile(
                     quality=self.integer(section, "quality", 1, 100),
                     min_quality=self.integer(section, "min_quality", 1, 100),
                     max_bytes=self.integer(section, "max_bytes", 0),
-                    max_dpr=self.number(section, "max_dpr", 1, 4))
+                    max_dpr=self.number(section, "max_dpr", 1, 4),
+                    progressive=BOOLEANS[self.choice(section, "progressive", BOOLEANS)])
         return profiles
 
 
@@ -573,6 +574,7 @@ class Spec:
     quality: int
     min_quality: int
     max_bytes: int
+    progressive: bool
     bg: str
     url: str = ""
     keep_copyright: bool = False
@@ -614,7 +616,7 @@ def parse_spec(environ, config):
         upscale=_bool_param(params, "upscale", False),
         format=image_format, png_for_alpha=png_for_alpha,
         quality=quality, min_quality=min(profile.min_quality, quality),
-        max_bytes=profile.max_bytes,
+        max_bytes=profile.max_bytes, progressive=profile.progressive,
         bg=_colour_param(params, "bg", config.bg),
         keep_copyright=config.keep_copyright, png_palette=config.png_palette,
         network=network, dpr=dpr, vary=tuple(sorted(vary)))
@@ -689,7 +691,11 @@ class _Headers:
 
 
 def _choose_network(params, headers, config):
-    """The network class: ?bandwidth=, else Save-Data, ECT, then Downlink."""
+    """The network class: ?bandwidth=, else Save-Data, then ECT.
+
+    Vary depends on the URL alone, never on which hints came: a cache that keeps
+    one Vary list per URL (Apache's mod_cache, many CDNs) loses every variant
+    stored under another list."""
     if "bandwidth" in params:
         network = params["bandwidth"]
         if network not in config.profiles or network in ("default", "save-data"):
@@ -702,11 +708,7 @@ def _choose_network(params, headers, config):
     ect = (headers.get("ECT")[1] or "").lower()
     if ect in config.profiles and ect not in ("default", "save-data"):
         return ect, vary
-    vary.add("Downlink")
-    downlink = _hint_number(headers.get("Downlink")[1], 0, 10000)
-    if downlink is None:
-        return "default", vary
-    return next(name for name, below in config.downlink_classes if downlink < below), vary
+    return "default", vary
 
 
 def _choose_dpr(params, headers, profile, config, vary):
@@ -742,8 +744,6 @@ def _choose_box(params, headers, dpr, config, vary):
         if height or (alone and "screensize" in params):
             # a named or given screen alone sizes the image to fit it
             height = min(height or screen_height, screen_height)
-    if width is None and height is None:
-        vary = vary - {"Sec-CH-DPR", "DPR"}  # with no box, the density changes nothing
     return _clamp(width, config.max_width), _clamp(height, config.max_height), vary
 
 
@@ -1480,7 +1480,8 @@ def _save(image, spec, quality):
                    method=WEBP_METHOD, exif=exif)
     else:
         image.save(buffer, "JPEG", quality=quality, optimize=True, exif=exif,
-                   progressive=image.width * image.height >= PROGRESSIVE_MIN_PIXELS,
+                   progressive=spec.progressive
+                   and image.width * image.height >= PROGRESSIVE_MIN_PIXELS,
                    subsampling="4:4:4" if quality >= FULL_CHROMA_QUALITY else "4:2:0")
     return buffer.getvalue()
 
@@ -1772,7 +1773,10 @@ def _validators(key, source):
 
 
 def _image_headers(spec, config, content_type):
+    # Shared caches (Apache's own in front, Varnish, a CDN) ask again after
+    # s-maxage: a 304 while the source is unchanged, its new image once replaced.
     cache_control = (f"public, max-age={config.cache_max_age}, "
+                     f"s-maxage={min(config.shared_max_age, config.cache_max_age)}, "
                      f"stale-while-revalidate={config.stale_while_revalidate}, "
                      f"stale-if-error={config.stale_if_error}")
     headers = (("Cache-Control", cache_control), ("Accept-CH", ", ".join(CLIENT_HINTS)))
@@ -1864,7 +1868,7 @@ def demo_response(environ, config):
 
 
 #: The hints the demo page itself reads (it shows what this browser selected).
-_DEMO_VARY = ("ECT", "Downlink", "Save-Data", "Sec-CH-DPR", "DPR", "Sec-CH-Viewport-Width",
+_DEMO_VARY = ("ECT", "Save-Data", "Sec-CH-DPR", "DPR", "Sec-CH-Viewport-Width",
               "Viewport-Width")
 
 
@@ -1904,7 +1908,7 @@ figcaption code {{ font-size: 11px; word-break: break-all; }}
 <h1>{name}, {width} CSS px wide, as each network class receives it</h1>
 <section id="panel"><h2>Your browser</h2>
 <p>Without <code>bandwidth=</code> in the URL, dynimg reads your browser's client hints
-(ECT, Downlink, Save-Data, DPR, Viewport-Width). They selected:</p>
+(ECT, Save-Data, DPR, Viewport-Width). They selected:</p>
 {yours}
 </section>
 <main>
@@ -2029,7 +2033,11 @@ def application(environ, start_response):
         response = error_response(InternalError("internal error"),
                                   parsed[0] if parsed else None, config)
     length = response.length if response.length is not None else len(response.body)
-    headers = list(response.headers) + [("Content-Length", str(length))]
+    headers = list(response.headers)
+    if response.status != 304:
+        # a 304's Content-Length would describe the image, not this empty answer; a
+        # wrong one makes caches (Apache's mod_cache) throw their stored copy away
+        headers.append(("Content-Length", str(length)))
     start_response(f"{response.status} {http.HTTPStatus(response.status).phrase}", headers)
     headers_out = dict(response.headers)
     log.info("%s %s?%s %d %d bytes net=%s cache=%s key=%s %.0f ms",

@@ -1,11 +1,14 @@
-"""Throughput over HTTP on 127.0.0.1, with wrk: an uncached render, a result-cache hit
-through dynimg under mod_wsgi-express, the same cached file served statically by the
-same Apache (the ceiling), and the same image through Varnish in front.
+"""Throughput over HTTP on 127.0.0.1, with wrk: an uncached render against thumbor's,
+a result-cache hit through dynimg (Python), a hit from Apache's cache in front
+(apache/cache.conf, what `make serve` ships), the same file served statically by
+the same Apache (the ceiling), and the same image through Varnish in front.
 
     .venv/bin/python bench/throughput.py [--seconds 10] [--connections 16]
+    .venv/bin/python bench/throughput.py --scaling     (processes x threads)
 
-Needs wrk, varnishd and the venv (`make test` installs them). Ratios are against the
-static file, measured in the same run.
+Needs wrk, varnishd, the venv and thumbor in .venv-bench (`make bench` installs
+them). Ratios are measured in the same run: hits against the static file, the
+uncached render against thumbor's.
 """
 
 import argparse
@@ -25,16 +28,36 @@ sys.path.insert(0, HERE)
 
 from measure import corpus_dir  # noqa: E402
 
-IMAGE = "photo-large-2.jpg"
+IMAGE = "photo-large-1.jpg"
 
-#: wrk script for renders that always miss: every request a width not asked before.
+#: wrk script for renders that always miss: every request a width not asked before,
+#: each on a new connection (thumbor's processes share kept-alive ones unevenly).
 MISS_SCRIPT = """
 counter = 0
 request = function()
   counter = counter + 1
-  return wrk.format("GET", "/images/%s?width=" .. (200 + counter))
+  return wrk.format("GET", "/images/%s?width=" .. (200 + counter), {["Connection"] = "close"})
 end
 """
+
+#: The same requests to thumbor (fit to a width, any height; it keeps no results).
+THUMBOR_MISS_SCRIPT = """
+counter = 0
+request = function()
+  counter = counter + 1
+  return wrk.format("GET", "/unsafe/" .. (200 + counter) .. "x0/%s", {["Connection"] = "close"})
+end
+"""
+
+THUMBOR_CONF = """
+LOADER = "thumbor.loaders.file_loader"
+FILE_LOADER_ROOT_PATH = {root!r}
+STORAGE = "thumbor.storages.no_storage"
+ALLOW_UNSAFE_URL = True
+QUALITY = 80
+"""
+
+BENCH_BIN = os.path.join(PROJECT, ".venv-bench", "bin")
 
 
 def free_port():
@@ -54,12 +77,19 @@ def wait_for(url, seconds=60):
     raise RuntimeError(f"{url} did not answer")
 
 
+def stop(process):
+    if process.poll() is None:
+        os.killpg(process.pid, 15)
+        process.wait()
+
+
 def start(command, env=None):
     return subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             env=env, start_new_session=True)
 
 
-def start_dynimg(folder, port, processes=2, threads=4):
+def start_dynimg(folder, port, processes=2, threads=4, front_cache=False):
+    """mod_wsgi-express on `port`; servers started on one folder share its result cache."""
     cache = os.path.join(folder, "cache")
     os.makedirs(cache, exist_ok=True)
     os.chmod(cache, 0o777)
@@ -68,16 +98,37 @@ def start_dynimg(folder, port, processes=2, threads=4):
         ini.write(f"[server]\nimage_root = {corpus_dir()}\nlog_level = WARNING\n"
                   f"not_found_image = {PROJECT}/404image.png\n"
                   f"error_image = {PROJECT}/errorimage.png\n[cache]\ncache_dir = {cache}\n")
+    server_root = os.path.join(folder, f"apache-{port}")
     command = [os.path.join(PROJECT, ".venv", "bin", "mod_wsgi-express"), "start-server",
                os.path.join(PROJECT, "dynimg.wsgi"), "--host", "127.0.0.1", "--port", str(port),
                "--mount-point", "/images", "--processes", str(processes),
-               "--threads", str(threads), "--server-root", os.path.join(folder, "apache"),
+               "--threads", str(threads), "--max-clients", "64", "--server-root", server_root,
                "--url-alias", "/static", cache]
+    if front_cache:
+        front = os.path.join(folder, f"htcache-{port}")
+        os.makedirs(front)
+        include = os.path.join(folder, f"front-{port}.conf")
+        with open(include, "w") as conf:
+            conf.write(f"Define DYNIMG_CACHE_ROOT {front}\n"
+                       f"Include {PROJECT}/apache/cache.conf\n")
+        command += ["--include-file", include]
     if os.geteuid() == 0:
         command += ["--user", "www-data", "--group", "www-data"]
+        if front_cache:
+            shutil.chown(front, "www-data", "www-data")
     process = start(command, dict(os.environ, DYNIMG_CONFIG=config))
     wait_for(f"http://127.0.0.1:{port}/images/_health")
     return process, cache
+
+
+def start_thumbor(folder, port, processes=2):
+    conf = os.path.join(folder, "thumbor.conf")
+    with open(conf, "w") as file:
+        file.write(THUMBOR_CONF.format(root=corpus_dir()))
+    process = start([os.path.join(BENCH_BIN, "thumbor"), "-i", "127.0.0.1", "-p", str(port),
+                     "-c", conf, "-l", "error", "--processes", str(processes)])
+    wait_for(f"http://127.0.0.1:{port}/healthcheck")
+    return process
 
 
 def start_varnish(folder, backend_port, port):
@@ -96,7 +147,8 @@ def start_varnish(folder, backend_port, port):
 
 
 def wrk(url, seconds, connections, script=None):
-    command = ["wrk", "-t2", f"-c{connections}", f"-d{seconds}s", "--latency", url]
+    command = ["wrk", "-t2", f"-c{connections}", f"-d{seconds}s", "--timeout", "10s",
+               "--latency", url]
     if script:
         command[1:1] = ["-s", script]
     output = subprocess.run(command, capture_output=True, text=True, check=True).stdout
@@ -142,42 +194,58 @@ def main():
         return scaling(args)
     folder = tempfile.mkdtemp(prefix="dynimg-bench-")
     os.chmod(folder, 0o755)
-    processes = []
+    processes, thumbor = [], None
     try:
-        port, varnish_port = free_port(), free_port()
+        port, front_port, varnish_port, thumbor_port = (free_port() for _ in range(4))
         dynimg, cache = start_dynimg(folder, port)
         processes.append(dynimg)
+        processes.append(start_dynimg(folder, front_port, front_cache=True)[0])
         processes.append(start_varnish(folder, port, varnish_port))
+        thumbor = start_thumbor(folder, thumbor_port)
         hit_url = f"http://127.0.0.1:{port}/images/{IMAGE}?width=400"
+        front_url = f"http://127.0.0.1:{front_port}/images/{IMAGE}?width=400"
         key = wait_for(hit_url).headers["X-Image-Key"]
+        wait_for(front_url)
         cached = next(os.path.join(root, name) for root, _, names in os.walk(cache)
                       for name in names if name.startswith(key))
-        static_url = f"http://127.0.0.1:{port}/static/{os.path.relpath(cached, cache)}"
-        script = os.path.join(folder, "miss.lua")
-        with open(script, "w") as file:
-            file.write(MISS_SCRIPT % IMAGE)
+        static_url = f"http://127.0.0.1:{front_port}/static/{os.path.relpath(cached, cache)}"
+        scripts = {}
+        for name, text in (("dynimg", MISS_SCRIPT), ("thumbor", THUMBOR_MISS_SCRIPT)):
+            scripts[name] = os.path.join(folder, f"miss-{name}.lua")
+            with open(scripts[name], "w") as file:
+                file.write(text % IMAGE)
+        results = [
+            ("uncached render, dynimg (fit a 20 Mpx JPEG to 201-400 px)",
+             *wrk(f"http://127.0.0.1:{port}/", args.seconds, args.connections, scripts["dynimg"])),
+            ("uncached render, thumbor 7.8 (2 processes), same requests",
+             *wrk(f"http://127.0.0.1:{thumbor_port}/", args.seconds, args.connections,
+                  scripts["thumbor"])),
+        ]
+        # thumbor finishes what it queued even after wrk hangs up: stop it before the rest
+        stop(thumbor)
         runs = [
-            ("uncached render (400-1200 px of a 12 Mpx JPEG)", f"http://127.0.0.1:{port}/", script),
-            ("result-cache hit through dynimg", hit_url, None),
+            ("result-cache hit through dynimg (Python)", hit_url, None),
+            ("hit from Apache's cache in front (apache/cache.conf)", front_url, None),
             ("the same file, static, same Apache", static_url, None),
             ("through Varnish (hit)",
              f"http://127.0.0.1:{varnish_port}/images/{IMAGE}?width=400", None),
         ]
-        results = [(name, *wrk(url, args.seconds, args.connections, script))
-                   for name, url, script in runs]
+        results += [(name, *wrk(url, args.seconds, args.connections, script))
+                    for name, url, script in runs]
     finally:
-        for process in processes:
-            os.killpg(process.pid, 15)
-            process.wait()
+        for process in processes + [thumbor] * bool(thumbor):
+            stop(process)
         shutil.rmtree(folder, ignore_errors=True)
-    static = results[2][1]
+    baselines = {0: results[1][1], 1: results[1][1]}  # renders: against thumbor
+    static = results[4][1]
     print(f"wrk -t2 -c{args.connections} -d{args.seconds}s on 127.0.0.1; mod_wsgi-express "
-          "2 processes x 4 threads; ratio: against the static file\n")
+          "2 processes x 4 threads, --max-clients 64 (as make serve); ratio: renders against thumbor, the rest against "
+          "the static file\n")
     print("| path | requests/s | p50 ms | p99 ms | ratio | errors |")
     print("|---|---:|---:|---:|---:|---|")
-    for name, rate, p50, p99, errors in results:
-        print(f"| {name} | {rate:,.0f} | {p50:.1f} | {p99:.1f} | {rate / static:.2f} | "
-              f"{errors or 'none'} |")
+    for index, (name, rate, p50, p99, errors) in enumerate(results):
+        print(f"| {name} | {rate:,.0f} | {p50:.1f} | {p99:.1f} | "
+              f"{rate / baselines.get(index, static):.2f} | {errors or 'none'} |")
 
 
 if __name__ == "__main__":

@@ -68,6 +68,13 @@ def image_root(corpus):
     shutil.rmtree(root, ignore_errors=True)
 
 
+def writable_by_apache(folder):
+    """A folder Apache's children (www-data when started as root) can write."""
+    os.makedirs(folder, exist_ok=True)
+    if IS_ROOT:
+        shutil.chown(folder, "www-data", "www-data")
+
+
 def write_config(folder, image_root, **sections):
     """A dynimg.ini in `folder` using the project's images, with overrides."""
     cache_dir = os.path.join(folder, "cache")
@@ -189,7 +196,8 @@ def stop(process):
 class ModWsgiExpress:
     """A real mod_wsgi-express (Apache) serving dynimg.wsgi under /images."""
 
-    def __init__(self, config_path, processes=2, threads=4):
+    def __init__(self, config_path, processes=2, threads=4, front_cache=False):
+        """front_cache: with the shipped apache/cache.conf (Apache's cache) in front."""
         self.folder = os.path.dirname(config_path)
         self.port = free_port()
         self.log_path = os.path.join(self.folder, "server.log")
@@ -201,11 +209,22 @@ class ModWsgiExpress:
                    "--log-to-terminal"]
         if IS_ROOT:
             command += ["--user", "www-data", "--group", "www-data"]
+        if front_cache:
+            command += ["--include-file", self._front_cache()]
         env = dict(os.environ, DYNIMG_CONFIG=config_path)
         with open(self.log_path, "w") as log:
             self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
                                             env=env, start_new_session=True)
         wait_for(self.port, "/images/_health", self.process, self.log_path)
+
+    def _front_cache(self):
+        self.cache_root = os.path.join(self.folder, "htcache")
+        writable_by_apache(self.cache_root)
+        include = os.path.join(self.folder, "front-cache.conf")
+        with open(include, "w") as conf:
+            conf.write(f"Define DYNIMG_CACHE_ROOT {self.cache_root}\n"
+                       f"Include {PROJECT}/apache/cache.conf\n")
+        return include
 
     def get(self, path, **kwargs):
         return http_request(self.port, path, **kwargs)

@@ -121,6 +121,7 @@ def test_if_none_match_gets_304_without_body(app):
     again = app.request("/photo-medium-1.jpg", "width=100",
                         headers={"If-None-Match": first.headers["ETag"]})
     assert again.status == 304 and again.body == b""
+    assert "Content-Length" not in again.headers  # not the image's, and not 0
     assert again.headers["ETag"] == first.headers["ETag"]
 
 

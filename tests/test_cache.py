@@ -191,7 +191,8 @@ def test_cache_control_carries_the_stale_windows_and_errors_the_short_age(cached
     app, config = cached_app
     image = app.request("/photo-medium-1.jpg", "width=120")
     assert image.headers["Cache-Control"] == (
-        f"public, max-age={config.cache_max_age}, stale-while-revalidate="
+        f"public, max-age={config.cache_max_age}, s-maxage={config.shared_max_age}, "
+        f"stale-while-revalidate="
         f"{config.stale_while_revalidate}, stale-if-error={config.stale_if_error}")
     for reply in (app.request("/missing.jpg"), app.request("/not-image.jpg"),
                   app.request("/photo-medium-1.jpg", "width=x")):

@@ -39,8 +39,8 @@ def test_relative_paths_resolve_against_the_ini_folder(tmp_path):
     ("output", "format", "gif"),
     ("output", "bg", "reddish"),
     ("network.3g", "quality", "0"),
+    ("network.3g", "progressive", "maybe"),
     ("screens", "phone", "big"),
-    ("hints", "downlink_classes", "2g 0.1, 7g"),
 ])
 def test_a_bad_value_names_section_and_key(tmp_path, image_root, section, key, value):
     path = write_config(str(tmp_path), image_root, **{section: {key: value}})
@@ -86,3 +86,14 @@ def test_log_file_and_level_come_from_the_ini(tmp_path, image_root):
         for handler in list(dynimg.log.handlers):
             handler.close()
             dynimg.log.removeHandler(handler)
+
+
+def test_a_class_of_ones_own_gets_progressive_jpeg_unless_it_says_no(tmp_path, image_root):
+    path = write_config(str(tmp_path), image_root, **{
+        "network.satellite": {"quality": "50", "min_quality": "40", "max_bytes": "60000",
+                              "max_dpr": "1"},
+        "network.fibre": {"quality": "85", "min_quality": "70", "max_bytes": "0",
+                          "max_dpr": "3", "progressive": "no"}})
+    profiles = dynimg.load_config(path).profiles
+    assert profiles["satellite"].progressive and not profiles["fibre"].progressive
+    assert profiles["2g"].progressive and not profiles["4g"].progressive

@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 from conftest import (IS_ROOT, PROJECT, VENV_BIN, free_port, http_request, shared_tempdir,
-                      stop, wait_for)
+                      stop, wait_for, writable_by_apache)
 
 
 def image_of(reply):
@@ -107,6 +107,7 @@ def test_the_shipped_apache_config_serves_images_under_real_apache2():
     folder = shared_tempdir("dynimg-apache-")
     os.makedirs(os.path.join(folder, "logs"))
     os.chmod(os.path.join(folder, "logs"), 0o777)
+    writable_by_apache(os.path.join(folder, "htcache"))
     port = free_port()
     module = subprocess.run([os.path.join(VENV_BIN, "mod_wsgi-express"), "module-location"],
                             capture_output=True, text=True, check=True).stdout.strip()
@@ -129,6 +130,7 @@ Define DYNIMG_VENV {os.path.dirname(VENV_BIN)}
 Define DYNIMG_PORT {port}
 Define DYNIMG_LOG_DIR {folder}/logs
 Define DYNIMG_RUN_DIR {folder}
+Define DYNIMG_CACHE_ROOT {folder}/htcache
 Define DYNIMG_USER {"www-data" if IS_ROOT else os.environ.get("USER", "nobody")}
 {"" if os.path.exists(_default_module_path()) else f"Define DYNIMG_WSGI_MODULE {module}"}
 Include {PROJECT}/apache/dynimg.conf
@@ -147,6 +149,10 @@ Include {PROJECT}/apache/dynimg.conf
         assert image_of(reply).size == (340, 227)
         query_form = http_request(port, "/images/?name=sunset.jpg&width=340&height=400")
         assert query_form.headers["X-Image-Key"] == reply.headers["X-Image-Key"]
+        time.sleep(0.3)  # Apache files its cached copy just after the answer
+        repeat = http_request(port, "/images/sunset.jpg?width=340&height=400")
+        assert repeat.headers["X-Cache"].startswith("HIT")  # apache/cache.conf is in front
+        assert repeat.body == reply.body
         with open(os.path.join(folder, "logs", "dynimg-access.log")) as access:
             assert "GET /images/sunset.jpg?width=340&height=400" in access.read()
     finally:
