@@ -10,6 +10,7 @@ browser would. Arrival is bytes at the class's typical throughput (the Network
 Information API's ECT figures; 4G taken as 4 Mbit/s, wifi as 20 Mbit/s).
 """
 
+import io
 import os
 import statistics
 import sys
@@ -31,6 +32,9 @@ def main():
     dynimg.apply_limits(config)
     classes = [name for name in THROUGHPUT if name in config.profiles]
     rows = {}
+    encodes = []
+    save = dynimg._save
+    dynimg._save = lambda *args: encodes.append(1) or save(*args)
     for path in corpus_files():
         data = open(path, "rb").read()
         full = Image.open(path)
@@ -42,18 +46,21 @@ def main():
                 environ = {"PATH_INFO": "/x.jpg",
                            "QUERY_STRING": f"bandwidth={network}&width={width}"}
                 spec = dynimg.parse_spec(environ, config)
+                encodes.clear()
                 rendered = dynimg.render(data, spec, config)
                 rows.setdefault((network, width), []).append(
                     (len(rendered.data), rendered.quality, rendered.width,
-                     ssim(reference, Image.open(__import__("io").BytesIO(rendered.data)))))
+                     ssim(reference, Image.open(io.BytesIO(rendered.data))), len(encodes)))
     print(f"{len(corpus_files())} photos; medians per class and width\n")
-    print("| class | width | bytes | quality | sent width | SSIM | arrival (s) |")
-    print("|---|---:|---:|---:|---:|---:|---:|")
+    print("| class | width | bytes | quality | sent width | SSIM | arrival (s) | encodes "
+          "(mean, max) |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
     for (network, width), values in rows.items():
-        size, quality, sent, score = (statistics.median(column) for column in zip(*values))
+        size, quality, sent, score = (statistics.median(column) for column in list(zip(*values))[:4])
+        counts = [value[4] for value in values]
         seconds = size * 8 / 1000 / THROUGHPUT[network]
         print(f"| {network} | {width} | {size:,.0f} | {quality:.0f} | {sent:.0f} | "
-              f"{score:.3f} | {seconds:.1f} |")
+              f"{score:.3f} | {seconds:.1f} | {statistics.mean(counts):.1f}, {max(counts)} |")
 
 
 if __name__ == "__main__":

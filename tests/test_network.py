@@ -150,14 +150,26 @@ def test_budget_search_scales_down_when_quality_alone_cannot_fit(shipped, corpus
     assert rendered.width < 1600 and rendered.quality == spec.min_quality
 
 
-def test_budget_search_encodes_a_few_times_only(shipped, corpus, monkeypatch):
-    with open(os.path.join(corpus, "photo-large-2.jpg"), "rb") as file:
-        data = file.read()
-    calls = []
+def test_budget_search_takes_two_or_three_encodes_not_a_bisection(shipped, corpus, monkeypatch):
+    """The first guess comes from the typical bytes-by-quality curve, not a bisection."""
     save = dynimg._save
-    monkeypatch.setattr(dynimg, "_save", lambda *args: calls.append(1) or save(*args))
-    dynimg.render(data, spec_for(shipped, "bandwidth=2g&width=640"), shipped)
-    assert 1 < len(calls) <= 6
+    counts = []
+    for name in PHOTOS:
+        with open(os.path.join(corpus, name), "rb") as file:
+            data = file.read()
+        # all over budget at the class's quality: a search, some with scaling down
+        for query in ("bandwidth=slow-2g&width=640", "bandwidth=2g&width=1280",
+                      "bandwidth=slow-2g&width=1280&format=webp",
+                      "bandwidth=2g&width=1280&format=webp"):
+            calls = []
+            monkeypatch.setattr(dynimg, "_save", lambda *args: calls.append(1) or save(*args))
+            spec = spec_for(shipped, query)
+            rendered = dynimg.render(data, spec, shipped)
+            assert len(rendered.data) <= spec.max_bytes
+            counts.append(len(calls))
+    assert min(counts) >= 2, counts  # every case needed the search
+    assert max(counts) <= 4, counts
+    assert sum(count <= 3 for count in counts) >= len(counts) * 0.75, counts
 
 
 def test_an_image_that_cannot_fit_is_sent_and_logged(shipped, corpus, caplog):
