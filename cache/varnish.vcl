@@ -52,9 +52,10 @@ sub vcl_recv {
     unset req.http.Cookie;
     unset req.http.Authorization;
     unset req.http.RTT;
-    unset req.http.Downlink;
     if (req.http.ECT ~ "^(?i)(slow-2g|2g|3g|4g)$") {
         set req.http.ECT = std.tolower(req.http.ECT);
+        # dynimg reads Downlink only when no ECT came
+        unset req.http.Downlink;
     } else {
         unset req.http.ECT;
     }

@@ -41,6 +41,7 @@ def test_relative_paths_resolve_against_the_ini_folder(tmp_path):
     ("network.3g", "quality", "0"),
     ("network.3g", "progressive", "maybe"),
     ("screens", "phone", "big"),
+    ("hints", "downlink_classes", "2g 0.1, 7g"),
 ])
 def test_a_bad_value_names_section_and_key(tmp_path, image_root, section, key, value):
     path = write_config(str(tmp_path), image_root, **{section: {key: value}})

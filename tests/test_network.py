@@ -13,7 +13,7 @@ from PIL import Image
 import dynimg
 from conftest import PROJECT
 
-HINTS = ("ECT", "Save-Data", "Sec-CH-DPR", "Sec-CH-Viewport-Width", "Sec-CH-Width")
+HINTS = ("ECT", "Downlink", "Save-Data", "Sec-CH-DPR", "Sec-CH-Viewport-Width", "Sec-CH-Width")
 
 
 @pytest.fixture(scope="module")
@@ -38,10 +38,15 @@ def spec_for(config, query, **headers):
     ("", {"Save-Data": "on"}, "save-data"),
     ("", {"Save-Data": "on", "ECT": "4g"}, "save-data"),
     ("", {"Save-Data": "off", "ECT": "3g"}, "3g"),
-    ("", {"Downlink": "0.06"}, "default"),              # Downlink is not read (ECT is)
-    ("", {"ECT": "3g", "Downlink": "0.01"}, "3g"),
+    ("", {"Downlink": "0.06"}, "2g"),
+    ("", {"Downlink": "0.5"}, "3g"),
+    ("", {"Downlink": "25"}, "4g"),
+    ("", {"ECT": "3g", "Downlink": "0.01"}, "3g"),      # ECT decides before Downlink
     ("", {"ECT": "5g"}, "default"),                     # garbage is ignored
     ("", {"ECT": "\x00"}, "default"),
+    ("", {"Downlink": "fast"}, "default"),
+    ("", {"Downlink": "-1"}, "default"),
+    ("", {"Downlink": "nan"}, "default"),
 ])
 def test_network_class_comes_from_the_url_then_the_hints(shipped, query, headers, network):
     assert spec_for(shipped, query, **headers).network == network
@@ -86,8 +91,8 @@ def test_screen_caps_the_box(shipped, query, headers, box):
 @pytest.mark.parametrize("query, headers, vary", [
     ("width=300&bandwidth=3g&dpr=1", {}, {"Sec-CH-Viewport-Width", "Viewport-Width"}),
     ("width=300&bandwidth=3g&dpr=1&screensize=mobile", {}, set()),
-    ("width=300&dpr=1&screensize=mobile", {"ECT": "2g"}, {"ECT", "Save-Data"}),
-    ("width=300&dpr=1&screensize=mobile", {}, {"ECT", "Save-Data"}),
+    ("width=300&dpr=1&screensize=mobile", {"ECT": "2g"}, {"ECT", "Save-Data", "Downlink"}),
+    ("width=300&dpr=1&screensize=mobile", {}, {"ECT", "Save-Data", "Downlink"}),
     ("width=300&bandwidth=3g&screensize=mobile", {}, {"Sec-CH-DPR", "DPR"}),
     ("width=300&bandwidth=3g&dpr=2", {}, {"Sec-CH-Viewport-Width", "Viewport-Width"}),
     ("bandwidth=3g&dpr=1&screensize=mobile", {}, {"Sec-CH-Width", "Width"}),
@@ -189,8 +194,7 @@ def test_image_responses_ask_for_hints_and_vary(app):
     reply = app.request("/photo-medium-1.jpg", "width=200", headers={"ECT": "2g"})
     assert reply.status == 200
     assert [h.strip() for h in reply.headers["Accept-CH"].split(",")] == list(HINTS)
-    assert "ECT" in reply.headers["Vary"] and "Downlink" not in reply.headers["Vary"]
-    assert "Downlink" not in reply.headers["Accept-CH"]
+    assert "ECT" in reply.headers["Vary"] and "Downlink" in reply.headers["Vary"]
     assert reply.headers["X-Image-Network"] == "2g"
     pinned = app.request("/photo-medium-1.jpg", "width=200&bandwidth=3g&dpr=1&screensize=mobile")
     assert "Vary" not in pinned.headers and "Accept-CH" in pinned.headers
