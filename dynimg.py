@@ -609,7 +609,10 @@ MALLOC_ARENAS = 2
 
 def tune_malloc():
     """Keep a long-running process's memory flat: image buffers are large, short-lived
-    and made by several threads at once (bench/soak.py measures it). glibc only."""
+    and made by several threads at once (bench/soak.py measures it). glibc only.
+
+    Pages of their own cost page faults; GLIBC_TUNABLES=glibc.malloc.hugetlb=1 in
+    the server's environment (the Makefile sets it) makes them huge pages."""
     try:
         libc = ctypes.CDLL("libc.so.6", use_errno=True)
         libc.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)

@@ -30,22 +30,35 @@ from measure import corpus_dir  # noqa: E402
 
 IMAGE = "photo-large-1.jpg"
 
-#: wrk script for renders that always miss: every request a width not asked before,
-#: each on a new connection (thumbor's processes share kept-alive ones unevenly).
+#: wrk script for renders that always miss: every request a width not asked before
+#: (each wrk thread takes its own), each on a new connection (thumbor's processes
+#: share kept-alive ones unevenly).
 MISS_SCRIPT = """
+threads = 0
+function setup(thread)
+  thread:set("id", threads)
+  threads = threads + 1
+end
 counter = 0
 request = function()
   counter = counter + 1
-  return wrk.format("GET", "/images/%s?width=" .. (200 + counter), {["Connection"] = "close"})
+  return wrk.format("GET", "/images/%s?width=" .. (200 + 2 * counter + id),
+                    {["Connection"] = "close"})
 end
 """
 
 #: The same requests to thumbor (fit to a width, any height; it keeps no results).
 THUMBOR_MISS_SCRIPT = """
+threads = 0
+function setup(thread)
+  thread:set("id", threads)
+  threads = threads + 1
+end
 counter = 0
 request = function()
   counter = counter + 1
-  return wrk.format("GET", "/unsafe/" .. (200 + counter) .. "x0/%s", {["Connection"] = "close"})
+  return wrk.format("GET", "/unsafe/" .. (200 + 2 * counter + id) .. "x0/%s",
+                    {["Connection"] = "close"})
 end
 """
 
@@ -215,7 +228,7 @@ def main():
             with open(scripts[name], "w") as file:
                 file.write(text % IMAGE)
         results = [
-            ("uncached render, dynimg (fit a 20 Mpx JPEG to 201-400 px)",
+            ("uncached render, dynimg (fit a 20 Mpx JPEG to a new width from 202 px)",
              *wrk(f"http://127.0.0.1:{port}/", args.seconds, args.connections, scripts["dynimg"])),
             ("uncached render, thumbor 7.8 (2 processes), same requests",
              *wrk(f"http://127.0.0.1:{thumbor_port}/", args.seconds, args.connections,

@@ -16,7 +16,7 @@ import dynimg
 from conftest import IS_ROOT, ModWsgiExpress, shared_tempdir, write_config
 
 #: The bound on a daemon process's peak RSS under this load (measured: see README).
-RSS_BOUND_MB = 400
+RSS_BOUND_MB = 300
 
 MIX = """
 paths = {
