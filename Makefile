@@ -46,7 +46,7 @@ test: setup
 
 # Figures for the README: render speed against libvips, network profiles,
 # encoder settings, HTTP throughput against static files and thumbor. Not part
-# of `make test`; about 7 minutes.
+# of `make test`; 4½-8 minutes.
 bench: setup .venv-bench/.ready
 	scripts/setup debs wrk varnish
 	@echo "machine: $$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs)," \
