@@ -47,7 +47,8 @@ request = function()
 end
 """
 
-#: The same requests to dynimg and to thumbor (fit to a width, any height; it keeps no results).
+#: The same requests to dynimg and to thumbor (fit to a width, any height; thumbor
+#: keeps no results).
 DYNIMG_MISS_PATH = f'"/images/{IMAGE}?width=" .. width'
 THUMBOR_MISS_PATH = f'"/unsafe/" .. width .. "x0/{IMAGE}"'
 
