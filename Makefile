@@ -31,14 +31,18 @@ serve: setup
 	@mkdir -p $(SERVER_ROOT)/htcache
 	@$(if $(RUN_AS),chown www-data:www-data $(SERVER_ROOT)/htcache)
 	@echo "dynimg: serving at http://$(HOST):$(PORT)/images/ (open /images/_demo?name=sunset.jpg)"
-	@# Apache's cache in front (apache/cache.conf), trimmed by htcacheclean while we serve
-	htcacheclean -d10 -n -t -p $(SERVER_ROOT)/htcache -l $(FRONT_CACHE_LIMIT) \
+	@# Apache's cache in front (apache/cache.conf), trimmed by htcacheclean every
+	@# minute (its shortest interval) while we serve; Apache refuses methods other
+	@# than GET and HEAD itself (apache/methods.conf, which finds its files through
+	@# DYNIMG_HOME)
+	htcacheclean -d1 -n -t -p $(SERVER_ROOT)/htcache -l $(FRONT_CACHE_LIMIT) \
 		-P $(SERVER_ROOT)/htcacheclean.pid; \
 	trap 'kill $$(cat $(SERVER_ROOT)/htcacheclean.pid 2>/dev/null) 2>/dev/null' EXIT INT TERM; \
+	DYNIMG_HOME=$(CURDIR) \
 	$(VENV)/bin/mod_wsgi-express start-server dynimg.wsgi --host $(HOST) --port $(PORT) \
 		--mount-point /images --processes $(PROCESSES) --threads $(THREADS) $(RUN_AS) \
 		--max-clients $(MAX_CLIENTS) --server-root $(SERVER_ROOT) \
-		--include-file apache/cache.conf --log-to-terminal
+		--include-file apache/methods.conf --include-file apache/cache.conf --log-to-terminal
 
 test: setup
 	scripts/setup debs $(TEST_DEBIAN_PACKAGES)

@@ -206,12 +206,13 @@ class ModWsgiExpress:
                    "--port", str(self.port), "--mount-point", "/images",
                    "--processes", str(processes), "--threads", str(threads),
                    "--server-root", os.path.join(self.folder, "server"),
+                   "--include-file", os.path.join(PROJECT, "apache", "methods.conf"),
                    "--log-to-terminal"]
         if IS_ROOT:
             command += ["--user", "www-data", "--group", "www-data"]
         if front_cache:
             command += ["--include-file", self._front_cache()]
-        env = dict(os.environ, DYNIMG_CONFIG=config_path)
+        env = dict(os.environ, DYNIMG_CONFIG=config_path, DYNIMG_HOME=PROJECT)
         with open(self.log_path, "w") as log:
             self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
                                             env=env, start_new_session=True)
