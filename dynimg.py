@@ -18,6 +18,7 @@ variable or beside this file.
 """
 
 import argparse
+import collections
 import configparser
 import ctypes
 import dataclasses
@@ -34,6 +35,7 @@ import io
 import json
 import logging
 import math
+import mimetypes
 import os
 import re
 import socket
@@ -44,7 +46,7 @@ import threading
 import time
 import types
 import urllib.parse
-import warnings
+import zlib
 from typing import Optional
 
 from PIL import Image, ImageCms, ImageMath, PngImagePlugin, UnidentifiedImageError
@@ -62,6 +64,19 @@ FORMATS = {
     "jpeg": ("JPEG", "image/jpeg", False),
     "webp": ("WEBP", "image/webp", True),
     "png": ("PNG", "image/png", True),
+}
+
+#: Source formats the server decodes, by the names `[limits] formats` takes: the
+#: Pillow plugins each name may open. No other decoder is ever handed a source.
+INPUT_FORMATS = {
+    "jpeg": ("JPEG",),  # multi-picture JPEGs (MPO) too: the JPEG plugin opens them
+    "png": ("PNG",),
+    "webp": ("WEBP",),
+    "gif": ("GIF",),
+    "tiff": ("TIFF",),
+    "bmp": ("BMP", "DIB"),
+    "jpeg2000": ("JPEG2000",),
+    "avif": ("AVIF",),
 }
 
 #: Fit modes: what happens when the source's aspect differs from the box's.
@@ -160,6 +175,17 @@ WEBP_METHOD = 4
 #: The EXIF tag number of Copyright, kept when [output] keep_copyright is on.
 EXIF_COPYRIGHT = 0x8298
 
+#: PNG answers up to this many pixels are optimised (zlib level 9 and a filter
+#: search); larger ones use zlib level 3, about 15 % more bytes in a fifth of the
+#: time (a 9 Mpx photo: 1.6 s against 8.6 s), so no PNG encode runs for long.
+PNG_OPTIMIZE_MAX_PIXELS = 1_000_000
+PNG_LARGE_COMPRESS_LEVEL = 3
+
+#: With a byte budget, a PNG answer starts at most this many pixels a budget byte
+#: (a palette PNG of a photo takes about 0.3 bytes a pixel): a 16 kB budget never
+#: pays for encoding 16 Mpx first.
+PNG_PIXELS_PER_BUDGET_BYTE = 4
+
 #: How many times the byte-budget search may scale an image down before giving up.
 BUDGET_SCALE_STEPS = 6
 
@@ -186,6 +212,18 @@ QUALITY_CURVES = {
 #: Bytes fall about as (linear scale) ** this when an image is scaled down at a
 #: fixed quality (1.27-1.9 on the corpus photos, median 1.5); each step refines it.
 BYTES_BY_SCALE_EXPONENT = 1.5
+
+#: Colour transforms an app keeps (one per embedded ICC profile), least recently
+#: used dropped first: hostile files with ever new profiles cannot grow memory.
+TRANSFORM_CACHE_SIZE = 64
+
+#: Sources whose upright size and alpha an app remembers, so that the key of a
+#: cache hit needs no more than a stat.
+FACTS_CACHE_SIZE = 4096
+
+#: The longest image name, and the longest part of one (file systems stop at 255).
+MAX_NAME_BYTES = 1024
+MAX_NAME_PART_BYTES = 255
 
 log = logging.getLogger("dynimg")
 
@@ -270,6 +308,7 @@ DEFAULTS = {
         "stale_while_revalidate": "3600",
         "stale_if_error": "86400",
         "error_max_age": "60",
+        "health_details": "no",
     },
     "cache": {
         "cache_dir": "/var/tmp/dynimg-cache",
@@ -289,8 +328,11 @@ DEFAULTS = {
         "max_dpr": "4",
         "max_source_bytes": "52428800",
         "max_source_pixels": "100000000",
+        "formats": " ".join(INPUT_FORMATS),
+        "max_render_seconds": "10",
         "allowed_widths": "",
         "max_concurrent_renders": "0",
+        "max_waiting_renders": "5",
         "queue_timeout": "10",
     },
     "hints": {
@@ -312,6 +354,7 @@ DEFAULTS = {
         "allowed_networks": "",
         "connect_timeout": "3",
         "read_timeout": "10",
+        "total_timeout": "20",
         "max_redirects": "3",
         "refetch_after": "3600",
     },
@@ -362,6 +405,7 @@ class Config:
     stale_while_revalidate: int
     stale_if_error: int
     error_max_age: int
+    health_details: bool
     cache_dir: str
     cache_max_mb: int
     cache_fsync: bool
@@ -375,8 +419,11 @@ class Config:
     max_dpr: float
     max_source_bytes: int
     max_source_pixels: int
+    input_formats: tuple
+    max_render_seconds: float
     allowed_widths: tuple
     max_concurrent_renders: int
+    max_waiting_renders: int
     queue_timeout: float
     downlink_classes: tuple
     width_steps: tuple
@@ -388,6 +435,7 @@ class Config:
     allowed_networks: tuple
     connect_timeout: float
     read_timeout: float
+    total_timeout: float
     max_redirects: int
     refetch_after: int
 
@@ -423,6 +471,7 @@ def load_config(path=None):
         stale_while_revalidate=read.integer("server", "stale_while_revalidate", 0),
         stale_if_error=read.integer("server", "stale_if_error", 0),
         error_max_age=read.integer("server", "error_max_age", 0),
+        health_details=BOOLEANS[read.choice("server", "health_details", BOOLEANS)],
         cache_dir=read.path("cache", "cache_dir"),
         cache_max_mb=read.integer("cache", "cache_max_mb", 1),
         cache_fsync=BOOLEANS[read.choice("cache", "fsync", BOOLEANS)],
@@ -436,9 +485,12 @@ def load_config(path=None):
         max_dpr=read.number("limits", "max_dpr", 1, 4),
         max_source_bytes=read.integer("limits", "max_source_bytes", 1),
         max_source_pixels=read.integer("limits", "max_source_pixels", 1),
+        input_formats=read.formats("limits", "formats"),
+        max_render_seconds=read.number("limits", "max_render_seconds", 0.1, 600),
         allowed_widths=read.numbers("limits", "allowed_widths", int, empty=True),
         max_concurrent_renders=(read.integer("limits", "max_concurrent_renders", 0, 1024)
                                 or os.cpu_count() or 2),
+        max_waiting_renders=read.integer("limits", "max_waiting_renders", 0, 1024),
         queue_timeout=read.number("limits", "queue_timeout", 0, 600),
         downlink_classes=read.downlink_classes(),
         width_steps=read.numbers("hints", "width_steps", int),
@@ -450,6 +502,7 @@ def load_config(path=None):
         allowed_networks=read.networks("remote", "allowed_networks"),
         connect_timeout=read.number("remote", "connect_timeout", 0.1, 600),
         read_timeout=read.number("remote", "read_timeout", 0.1, 600),
+        total_timeout=read.number("remote", "total_timeout", 0.1, 600),
         max_redirects=read.integer("remote", "max_redirects", 0, 20),
         refetch_after=read.integer("remote", "refetch_after", 1),
     )
@@ -524,6 +577,15 @@ class _ConfigReader:
             self._fail(section, key, "a list of positive numbers")
         return values
 
+    def formats(self, section, key):
+        """Source format names -> the Pillow plugins they open."""
+        names = self.words(section, key)
+        if not names or any(name not in INPUT_FORMATS for name in names):
+            self._fail(section, key, "a list of " + ", ".join(INPUT_FORMATS))
+        Image.init()  # only plugins this Pillow build has can be named to it
+        return tuple(plugin for name in names for plugin in INPUT_FORMATS[name]
+                     if plugin in Image.OPEN)
+
     def networks(self, section, key):
         try:
             return tuple(ipaddress.ip_network(word, strict=False)
@@ -567,11 +629,26 @@ class _ConfigReader:
         return profiles
 
 
+#: What may not stand in a log line as it is: C0 and C1 controls, Unicode line breaks.
+_CONTROL_CHARACTERS = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+
+
+class OneLineFormatter(logging.Formatter):
+    """Log records whose message is one line whatever the request held: control
+    characters (a name with %0d%0a) are escaped, so no request can forge a line.
+    A traceback, added after the message, keeps its own lines."""
+
+    def formatMessage(self, record):
+        record.message = _CONTROL_CHARACTERS.sub(
+            lambda match: match[0].encode("unicode_escape").decode("ascii"), record.message)
+        return super().formatMessage(record)
+
+
 def configure_logging(config):
     """Send the 'dynimg' logger to the INI's log file (or stderr) at its level."""
     handler = (logging.FileHandler(config.log_file) if config.log_file
                else logging.StreamHandler(sys.stderr))
-    handler.setFormatter(logging.Formatter(
+    handler.setFormatter(OneLineFormatter(
         "%(asctime)s %(process)d %(levelname)s %(name)s: %(message)s"))
     for old in list(log.handlers):
         log.removeHandler(old)
@@ -585,11 +662,11 @@ MAX_TEXT_CHUNK = 256 * 1024
 MAX_TEXT_MEMORY = 1024 * 1024
 
 
-def apply_limits(config):
-    """Make Pillow itself refuse sources over max_source_pixels, before decoding,
-    and PNG text-chunk bombs."""
-    Image.MAX_IMAGE_PIXELS = config.max_source_pixels
-    warnings.simplefilter("error", Image.DecompressionBombWarning)
+def limit_pillow():
+    """Pillow's process-wide guards, the same for every app: PNG text chunks are
+    capped, and its own pixel limit gives way to each app's max_source_pixels,
+    checked after the lazy open and before any pixel is decoded (open_image)."""
+    Image.MAX_IMAGE_PIXELS = None
     PngImagePlugin.MAX_TEXT_CHUNK = MAX_TEXT_CHUNK
     PngImagePlugin.MAX_TEXT_MEMORY = MAX_TEXT_MEMORY
 
@@ -624,13 +701,56 @@ def tune_malloc():
 # --- request parsing ----------------------------------------------------------
 
 
+#: The request headers dynimg reads; nothing else of the request is kept.
+REQUEST_HEADERS = ("Accept", "ECT", "Downlink", "Save-Data", "Sec-CH-DPR", "DPR",
+                   "Sec-CH-Viewport-Width", "Viewport-Width", "Sec-CH-Width", "Width",
+                   "If-None-Match", "If-Modified-Since")
+
+
+@dataclasses.dataclass(frozen=True)
+class Request:
+    """What dynimg reads of one HTTP request, taken from the WSGI environ once.
+
+    `path` is PATH_INFO as the UTF-8 text the client sent (PEP 3333 hands it over
+    as latin-1); bytes that are not UTF-8 stay as surrogates and are refused where
+    the path is used as a name.
+    """
+
+    method: str = "GET"
+    path: str = ""
+    query: str = ""
+    script_name: str = ""
+    headers: types.MappingProxyType = dataclasses.field(
+        default_factory=lambda: types.MappingProxyType({}))
+
+    @classmethod
+    def from_environ(cls, environ):
+        headers = {name: environ["HTTP_" + name.upper().replace("-", "_")].strip()
+                   for name in REQUEST_HEADERS
+                   if "HTTP_" + name.upper().replace("-", "_") in environ}
+        path = environ.get("PATH_INFO", "").encode("latin-1", "replace")
+        return cls(method=environ.get("REQUEST_METHOD", "GET"),
+                   path=path.decode("utf-8", "surrogateescape"),
+                   query=environ.get("QUERY_STRING", ""),
+                   script_name=environ.get("SCRIPT_NAME", ""),
+                   headers=types.MappingProxyType(headers))
+
+    def header(self, *names):
+        """The first of `names` present, as (name, value), else (names[0], None)."""
+        for name in names:
+            if name in self.headers:
+                return name, self.headers[name]
+        return names[0], None
+
+
 @dataclasses.dataclass(frozen=True)
 class Spec:
     """One request, fully resolved: the whole answer to "what image is this?".
 
     Widths and heights are device pixels (dpr, screen caps and hints folded in).
-    The fields from `network` on describe the request, not the bytes: they stay out
-    of the key. `source_size` (upright) is filled in once the source is opened.
+    The fields from `network` on describe the request, not the bytes. What goes
+    into the image key is chosen in image_key(), from the Plan this spec gives
+    for one source.
     """
 
     name: str
@@ -652,32 +772,19 @@ class Spec:
     network: str = "default"
     dpr: float = 1.0
     vary: tuple = ()
-    source_size: Optional[tuple] = None
-
-    def key(self, identity):
-        """Hex digest of this spec's canonical form plus the source's identity."""
-        fields = [getattr(self, field) for field in _KEY_FIELDS]
-        canonical = json.dumps([PROCESSING_VERSION, list(identity), list(fields)])
-        return hashlib.sha256(canonical.encode()).hexdigest()[:32]
 
 
-#: The Spec fields that decide the output bytes (all before `network`).
-_FIELD_NAMES = tuple(field.name for field in dataclasses.fields(Spec))
-_KEY_FIELDS = _FIELD_NAMES[:_FIELD_NAMES.index("network")]
-
-
-def parse_spec(environ, config):
-    """Turn a WSGI environ into a Spec; raises BadRequest naming the parameter."""
-    params = _parse_query(environ.get("QUERY_STRING", ""))
-    check_signature(environ, config)
-    name, url = _request_source(environ, params, config)
-    headers = _Headers(environ)
-    network, vary = _choose_network(params, headers, config)
+def parse_spec(request, config):
+    """Turn a Request into a Spec; raises BadRequest naming the parameter."""
+    params = _parse_query(request.query)
+    check_signature(request, config)
+    name, url = _request_source(request, params, config)
+    network, vary = _choose_network(params, request, config)
     profile = config.profiles[network]
-    dpr, vary = _choose_dpr(params, headers, profile, config, vary)
-    width, height, vary = _choose_box(params, headers, dpr, config, vary)
+    dpr, vary = _choose_dpr(params, request, profile, config, vary)
+    width, height, vary = _choose_box(params, request, dpr, config, vary)
     fit = _choose_fit(params)
-    image_format, png_for_alpha, vary = _choose_format(params, headers, config, vary)
+    image_format, png_for_alpha, vary = _choose_format(params, request, config, vary)
     quality = _int_param(params, "quality", 1, 100, profile.quality)
     return Spec(
         name=name, url=url, width=width, height=height, fit=fit,
@@ -712,9 +819,9 @@ def _parse_query(query):
     return types.MappingProxyType(params)
 
 
-def _request_source(environ, params, config):
+def _request_source(request, params, config):
     """(name, url): the path form (/images/x.jpg), ?name=, or a remote ?url=."""
-    path_name = _path_info(environ).lstrip("/")
+    path_name = request.path.lstrip("/")
     given = [what for what, present in (("the path", path_name), ("name", "name" in params),
                                         ("url", "url" in params)) if present]
     if len(given) > 1:
@@ -725,42 +832,28 @@ def _request_source(environ, params, config):
     name = path_name or params.get("name", "")
     if not name:
         raise BadRequest("name: required, as /images/NAME or ?name=NAME")
-    return _check_name(name), ""
+    return check_name(name), ""
 
 
-def _path_info(environ):
+def check_name(name):
+    """Refuse names that could only be attempts to leave the image root, and names
+    no file system holds; returns the name with empty and '.' parts dropped."""
     try:
-        # PEP 3333 hands PATH_INFO over as latin-1; the URL's bytes were UTF-8.
-        return environ.get("PATH_INFO", "").encode("latin-1").decode("utf-8")
-    except UnicodeError:
+        encoded = name.encode("utf-8")
+    except UnicodeEncodeError:
         raise BadRequest("name: the path must be UTF-8 text") from None
-
-
-def _check_name(name):
-    """Refuse names that could only be attempts to leave the image root."""
     parts = name.split("/")
     if ("\x00" in name or "\\" in name or name.startswith("/")
             or any(part == ".." for part in parts)):
         raise BadRequest("name: must be a relative path inside the image root")
+    if len(encoded) > MAX_NAME_BYTES or any(len(part.encode()) > MAX_NAME_PART_BYTES
+                                            for part in parts):
+        raise BadRequest(f"name: too long (at most {MAX_NAME_BYTES} bytes, "
+                         f"{MAX_NAME_PART_BYTES} between slashes)")
     return "/".join(part for part in parts if part not in ("", "."))
 
 
-class _Headers:
-    """Read-only access to request headers by their HTTP names."""
-
-    def __init__(self, environ):
-        self.environ = environ
-
-    def get(self, *names):
-        """The first of `names` present, as (name, value), else (names[0], None)."""
-        for name in names:
-            value = self.environ.get("HTTP_" + name.upper().replace("-", "_"))
-            if value is not None:
-                return name, value.strip()
-        return names[0], None
-
-
-def _choose_network(params, headers, config):
+def _choose_network(params, request, config):
     """The network class: ?bandwidth=, else Save-Data, ECT, then Downlink.
 
     Vary depends on the URL alone, never on which hints came (Downlink is listed
@@ -773,30 +866,30 @@ def _choose_network(params, headers, config):
             raise BadRequest("bandwidth: must be one of " + ", ".join(classes))
         return network, set()
     vary = {"Save-Data", "ECT", "Downlink"}
-    if headers.get("Save-Data")[1] in ("on", "?1"):
+    if request.header("Save-Data")[1] in ("on", "?1"):
         return "save-data", vary
-    ect = (headers.get("ECT")[1] or "").lower()
+    ect = (request.header("ECT")[1] or "").lower()
     if ect in config.profiles and ect not in ("default", "save-data"):
         return ect, vary
-    downlink = _hint_number(headers.get("Downlink")[1], 0, 10000)
+    downlink = _hint_number(request.header("Downlink")[1], 0, 10000)
     if downlink is None:
         return "default", vary
     return next(name for name, below in config.downlink_classes if downlink < below), vary
 
 
-def _choose_dpr(params, headers, profile, config, vary):
+def _choose_dpr(params, request, profile, config, vary):
     """Device pixel ratio: ?dpr=, else the DPR hint snapped up to a step; capped."""
     cap = min(profile.max_dpr, config.max_dpr)
     if "dpr" in params:
         return min(_number_param(params, "dpr", 1, 4), cap), vary
-    name, value = headers.get("Sec-CH-DPR", "DPR")
+    name, value = request.header("Sec-CH-DPR", "DPR")
     hinted = _hint_number(value, 0.1, 10)
     if hinted is None:
         return 1.0, vary | {"Sec-CH-DPR", "DPR"}
     return min(_snap_up(hinted, config.dpr_steps), cap), vary | {"Sec-CH-DPR", "DPR"}
 
 
-def _choose_box(params, headers, dpr, config, vary):
+def _choose_box(params, request, dpr, config, vary):
     """The target box in device pixels, from width/height, hints and the screen."""
     width = _int_param(params, "width", 1, config.max_width, None)
     height = _int_param(params, "height", 1, config.max_height, None)
@@ -807,9 +900,9 @@ def _choose_box(params, headers, dpr, config, vary):
         height = height and round(height * dpr)
     else:
         vary = vary | {"Sec-CH-Width", "Width"}
-        width = _hint_number(headers.get("Sec-CH-Width", "Width")[1], 1, 100000)
+        width = _hint_number(request.header("Sec-CH-Width", "Width")[1], 1, 100000)
         width = width and _snap_up(width, config.width_steps)
-    screen, vary = _choose_screen(params, headers, config, vary)
+    screen, vary = _choose_screen(params, request, config, vary)
     if screen:
         screen_width, screen_height = (round(side * dpr) for side in screen)
         alone = width is None and height is None
@@ -820,7 +913,7 @@ def _choose_box(params, headers, dpr, config, vary):
     return _clamp(width, config.max_width), _clamp(height, config.max_height), vary
 
 
-def _choose_screen(params, headers, config, vary):
+def _choose_screen(params, request, config, vary):
     """The screen in CSS pixels: ?screensize=, else the Viewport-Width hint, else None."""
     if "screensize" in params:
         value = params["screensize"]
@@ -830,7 +923,7 @@ def _choose_screen(params, headers, config, vary):
                              + ", ".join(config.screens))
         return screen, vary
     vary = vary | {"Sec-CH-Viewport-Width", "Viewport-Width"}
-    viewport = _hint_number(headers.get("Sec-CH-Viewport-Width", "Viewport-Width")[1],
+    viewport = _hint_number(request.header("Sec-CH-Viewport-Width", "Viewport-Width")[1],
                             1, 100000)
     if viewport is None:
         return None, vary
@@ -845,11 +938,11 @@ def _choose_fit(params):
     return fit or ("fill" if forcefit else "contain")
 
 
-def _choose_format(params, headers, config, vary):
+def _choose_format(params, request, config, vary):
     """The output format; format=auto negotiates with Accept (and varies on it)."""
     if params.get("format") != "auto":
         return _choice_param(params, "format", FORMATS, config.format), False, vary
-    accepts_webp = negotiate_webp(headers.get("Accept")[1] or "")
+    accepts_webp = negotiate_webp(request.header("Accept")[1] or "")
     return ("webp" if accepts_webp else "jpeg"), not accepts_webp, vary | {"Accept"}
 
 
@@ -988,17 +1081,17 @@ def canonical_request(path, query):
 
 def sign(path, query, key):
     """Hex HMAC-SHA256 of the canonical request."""
-    message = canonical_request(path, query).encode("utf-8")
+    # a path that is not UTF-8 is signed as the bytes it was (it is refused later)
+    message = canonical_request(path, query).encode("utf-8", "surrogateescape")
     return hmac.new(key.encode("utf-8"), message, hashlib.sha256).hexdigest()
 
 
-def check_signature(environ, config):
+def check_signature(request, config):
     """With signing keys set, every image request must carry a valid sig (any key)."""
     if not config.signing_keys:
         return
-    query = environ.get("QUERY_STRING", "")
-    given = [value for name, value in urllib.parse.parse_qsl(query) if name == "sig"]
-    expected = [sign(_path_info(environ) or "/", query, key) for key in config.signing_keys]
+    given = [value for name, value in urllib.parse.parse_qsl(request.query) if name == "sig"]
+    expected = [sign(request.path or "/", request.query, key) for key in config.signing_keys]
     # bytes, as compare_digest refuses non-ASCII text (a hostile sig must not raise)
     signature = given[0].lower().encode("utf-8") if given else b""
     if not any(hmac.compare_digest(signature, digest.encode()) for digest in expected):
@@ -1021,12 +1114,29 @@ def check_remote_url(url, config):
 
 
 def is_public_address(address, allowed_networks=()):
-    """Whether an address may be fetched: public, or in an explicitly allowed network."""
-    address = ipaddress.ip_address(address)
+    """Whether an address may be fetched: globally reachable unicast, or in an
+    explicitly allowed network. Private, loopback, link-local, shared (100.64/10),
+    site-local (fec0::/10), reserved and multicast addresses are refused."""
+    address = _embedded_ipv4(ipaddress.ip_address(address.split("%")[0]))
     if any(address in network for network in allowed_networks):
         return True
-    return not (address.is_private or address.is_loopback or address.is_link_local
-                or address.is_multicast or address.is_reserved or address.is_unspecified)
+    site_local = address.version == 6 and address.is_site_local
+    return address.is_global and not (address.is_multicast or site_local)
+
+
+#: NAT64's well-known prefix: the last 32 bits are an IPv4 address a gateway reaches.
+_NAT64 = ipaddress.ip_network("64:ff9b::/96")
+
+
+def _embedded_ipv4(address):
+    """The IPv4 address an IPv6 one stands for (mapped, 6to4, NAT64), else itself."""
+    if address.version == 4:
+        return address
+    if address.ipv4_mapped or address.sixtofour:
+        return address.ipv4_mapped or address.sixtofour
+    if address in _NAT64:
+        return ipaddress.IPv4Address(int(address) & 0xFFFFFFFF)
+    return address
 
 
 def confine(root, name):
@@ -1042,12 +1152,56 @@ def confine(root, name):
 
 @dataclasses.dataclass(frozen=True)
 class Source:
-    """An opened source file; `identity` changes whenever its content may have."""
+    """A source (a file under the image root, a remote URL, or an error picture);
+    `identity` changes whenever its content may have. `data` is empty until read."""
 
     path: str
     identity: tuple
     mtime: float
     data: bytes = b""
+
+
+@dataclasses.dataclass(frozen=True)
+class Facts:
+    """What the key needs to know of a source, read from its header without decoding:
+    its upright size, whether it has transparency, and its EXIF orientation (decided
+    here, once: the pipeline applies this one)."""
+
+    size: tuple
+    alpha: bool
+    orientation: int = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """The output's geometry and format, worked out from the Facts before any pixel
+    is decoded; nothing in it is ever larger than max_width x max_height.
+
+    `region` is the part of the upright source shown (cover crops it), resized to
+    `size`; `canvas` is the output (larger than `size` only for pad, which places
+    the image at `offset` on bg).
+    """
+
+    source: tuple
+    region: tuple
+    size: tuple
+    canvas: tuple
+    offset: tuple
+    format: str
+    alpha: bool
+    uses_bg: bool
+
+
+@dataclasses.dataclass(frozen=True)
+class Job:
+    """One render: the spec, the source's facts and the plan made from them, the
+    app's colour transforms and a deadline."""
+
+    spec: Spec
+    facts: Facts
+    plan: Plan
+    transforms: object
+    deadline: float
 
 
 @dataclasses.dataclass(frozen=True)
@@ -1059,7 +1213,8 @@ class Rendered:
     width: int
     height: int
     quality: int
-    source_size: tuple
+    facts: Facts
+    plan: Plan
     timings: tuple
     animated: bool = False
 
@@ -1073,8 +1228,8 @@ def stat_source(spec, config):
     path = confine(config.image_root, spec.name)
     try:
         stat = os.stat(path)
-    except (FileNotFoundError, NotADirectoryError, PermissionError):
-        raise NotFound("no such image", f"{spec.name!r}: cannot stat") from None
+    except OSError as error:  # missing, a loop of links, a name too long, no access
+        raise NotFound("no such image", f"{spec.name!r}: {error.strerror}") from None
     if not os.path.stat.S_ISREG(stat.st_mode):
         raise NotFound("no such image", f"{spec.name!r} is not a regular file")
     relative = os.path.relpath(path, config.image_root)
@@ -1082,37 +1237,45 @@ def stat_source(spec, config):
 
 
 def open_source(spec, config):
-    """Read the named source inside the image root, refusing oversize files early."""
+    """Read the source, refusing oversize files early; a remote one is fetched."""
     if spec.url:
         source = stat_source(spec, config)
         return dataclasses.replace(source, data=fetch_remote(spec.url, config))
     path = confine(config.image_root, spec.name)
+    source = read_file_source(path, config)
+    relative = os.path.relpath(path, config.image_root)
+    return dataclasses.replace(source, identity=(relative,) + source.identity[1:])
+
+
+def read_file_source(path, config):
+    """A file read whole, its identity from the fstat of the open file (so it matches
+    the bytes read); NotFound for anything that is not a readable regular file."""
     try:
         with open(path, "rb") as file:
-            # fstat of the open file, so the identity matches the bytes we read
             stat = os.fstat(file.fileno())
             if not os.path.stat.S_ISREG(stat.st_mode):
-                raise NotFound("no such image", f"{spec.name!r} is not a regular file")
+                raise NotFound("no such image", f"{path!r} is not a regular file")
             if stat.st_size > config.max_source_bytes:
                 raise Unprocessable("source is larger than max_source_bytes")
             data = file.read(config.max_source_bytes + 1)
-    except (FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError):
-        raise NotFound("no such image", f"{spec.name!r}: cannot open") from None
+    except OSError as error:
+        raise NotFound("no such image", f"{path!r}: {error.strerror}") from None
     if len(data) > config.max_source_bytes:
         raise Unprocessable("source is larger than max_source_bytes")
-    relative = os.path.relpath(path, config.image_root)
-    return Source(path, (relative, stat.st_size, stat.st_mtime_ns), stat.st_mtime, data)
+    return Source(path, (path, stat.st_size, stat.st_mtime_ns), stat.st_mtime, data)
 
 
 def fetch_remote(url, config):
     """GET a remote source safely: allowed hosts only, each resolved once and checked
-    (no private, loopback, link-local, multicast or reserved address unless allowed),
-    connected to by that checked address, redirects re-checked, body capped."""
+    (globally reachable addresses only, unless allowed), connected to by that checked
+    address, redirects re-checked, body capped, the whole fetch within total_timeout."""
+    deadline = time.monotonic() + config.total_timeout
     for _ in range(config.max_redirects + 1):
         parts = urllib.parse.urlsplit(check_remote_url(url, config))
         address = _checked_address(parts, config)
-        response, connection = _remote_get(parts, address, config)
+        connection, response = _PinnedConnection(parts, address, config, deadline), None
         try:
+            response = _remote_get(connection, parts)
             if response.status in (301, 302, 303, 307, 308) and response.getheader("Location"):
                 url = urllib.parse.urljoin(url, response.getheader("Location"))
                 continue
@@ -1121,9 +1284,11 @@ def fetch_remote(url, config):
             if response.status != 200:
                 raise BadGateway("remote source answered with an error",
                                  f"remote {url} answered {response.status}")
-            return _read_capped(response, config)
+            return _read_capped(response, connection, config)
         finally:
-            connection.close()
+            if response is not None:
+                response.close()  # it may own the socket now
+            connection.finish()
     raise BadGateway("remote source redirects too often")
 
 
@@ -1139,125 +1304,289 @@ def _checked_address(parts, config):
     return address
 
 
-def _remote_get(parts, address, config):
+def _remote_get(connection, parts):
     """One GET over a connection to the address already checked (no second lookup)."""
-    port = parts.port or (443 if parts.scheme == "https" else 80)
-    connection = _PinnedConnection(parts.hostname, port, address, parts.scheme == "https",
-                                   config.connect_timeout, config.read_timeout)
     path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
     try:
         connection.request("GET", path, headers={"User-Agent": f"dynimg/{VERSION}",
                                                  "Accept": "image/*"})
-        return connection.getresponse(), connection
-    except TimeoutError:
-        connection.close()
-        raise GatewayTimeout("remote source timed out") from None
+        return connection.getresponse()
     except (OSError, http.client.HTTPException) as error:
-        connection.close()
-        raise BadGateway("remote source is unreachable", repr(error)) from None
+        raise _remote_failure(connection, error) from None
 
 
-def _read_capped(response, config):
+def _read_capped(response, connection, config):
     declared = response.getheader("Content-Length")
     if declared and declared.isdigit() and int(declared) > config.max_source_bytes:
         raise Unprocessable("source is larger than max_source_bytes")
     chunks, total = [], 0
     try:
-        while chunk := response.read(65536):
+        while chunk := response.read1(65536):
+            if connection.expired:
+                # the socket is shut, but Linux still hands over bytes that keep coming
+                break
             total += len(chunk)
             if total > config.max_source_bytes:
                 raise Unprocessable("source is larger than max_source_bytes")
             chunks.append(chunk)
-    except TimeoutError:
-        raise GatewayTimeout("remote source timed out") from None
     except (OSError, http.client.HTTPException) as error:
-        raise BadGateway("remote source broke off", repr(error)) from None
+        raise _remote_failure(connection, error) from None
+    if connection.expired:
+        raise GatewayTimeout("remote source timed out", "remote source exceeded total_timeout")
     return b"".join(chunks)
+
+
+def _remote_failure(connection, error):
+    """The HTTPError for a failed remote exchange: a timeout (a read, or the whole
+    fetch's deadline) is 504, anything else 502."""
+    if connection.expired or isinstance(error, TimeoutError):
+        return GatewayTimeout("remote source timed out", repr(error))
+    return BadGateway("remote source is unreachable", repr(error))
 
 
 class _PinnedConnection(http.client.HTTPConnection):
     """An HTTP(S) connection to a fixed, checked address, with the URL's host name
-    for Host and TLS (so DNS cannot be asked twice and answer differently)."""
+    for Host and TLS (so DNS cannot be asked twice and answer differently).
 
-    def __init__(self, host, port, address, tls, connect_timeout, read_timeout):
-        super().__init__(host, port, timeout=read_timeout)
-        self.address, self.tls, self.connect_timeout = address, tls, connect_timeout
+    Every read has read_timeout, and a timer shuts the socket at the fetch's overall
+    deadline: an origin that sends a byte now and then cannot hold a thread longer."""
+
+    def __init__(self, parts, address, config, deadline):
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+        super().__init__(parts.hostname, port, timeout=config.read_timeout)
+        self.address, self.tls = address, parts.scheme == "https"
+        self.connect_timeout, self.deadline = config.connect_timeout, deadline
+        self.expired, self.timer = False, None
 
     def connect(self):
-        self.sock = socket.create_connection((self.address, self.port), self.connect_timeout)
+        remaining = self.deadline - time.monotonic()
+        if remaining <= 0:
+            self.expired = True
+            raise TimeoutError("total_timeout reached")
+        self.sock = socket.create_connection((self.address, self.port),
+                                             min(self.connect_timeout, remaining))
         self.sock.settimeout(self.timeout)
+        self.timer = threading.Timer(self.deadline - time.monotonic(), self._expire, (self.sock,))
+        self.timer.daemon = True
+        self.timer.start()
         if self.tls:
             context = ssl.create_default_context()
             self.sock = context.wrap_socket(self.sock, server_hostname=self.host)
 
+    def _expire(self, sock):
+        self.expired = True
+        try:
+            sock.shutdown(socket.SHUT_RDWR)  # wakes a blocked read, which then ends
+        except OSError:
+            pass  # closed already
+
+    def finish(self):
+        """Close, and stop the deadline's timer. (close() alone is not the end: http.client
+        calls it as soon as it hands the socket over to a response that closes it.)"""
+        if self.timer:
+            self.timer.cancel()
+        self.close()
+
 
 class RenderSlots:
-    """At most max_concurrent_renders renders at once in this process; a request
-    that cannot get a slot within queue_timeout is turned away (503), so load
-    cannot pile up memory."""
+    """At most max_concurrent_renders renders at once in this process, and at most
+    max_waiting_renders waiting for one: a render that finds the queue full, or gets
+    no slot within queue_timeout, is turned away (503). So load cannot pile up
+    memory, and a flood of renders cannot hold every thread: the rest serve hits."""
 
-    def __init__(self, count, timeout):
+    def __init__(self, count, timeout, max_waiting):
         self.semaphore = threading.BoundedSemaphore(count)
-        self.timeout = timeout
+        self.timeout, self.max_waiting = timeout, max_waiting
+        self.waiting, self.lock = 0, threading.Lock()
 
     def __enter__(self):
-        if not self.semaphore.acquire(timeout=self.timeout):
-            raise Busy("busy: try again shortly")
+        if self.semaphore.acquire(blocking=False):
+            return
+        with self.lock:
+            if self.waiting >= self.max_waiting:
+                raise Busy("busy: try again shortly")
+            self.waiting += 1
+        try:
+            if not self.semaphore.acquire(timeout=self.timeout):
+                raise Busy("busy: try again shortly")
+        finally:
+            with self.lock:
+                self.waiting -= 1
 
     def __exit__(self, *exc_info):
         self.semaphore.release()
 
 
-_render_slots = {}
+class LRU:
+    """A small thread-safe mapping that forgets its least recently used entries."""
+
+    def __init__(self, size):
+        self.size, self.items, self.lock = size, collections.OrderedDict(), threading.Lock()
+
+    def get(self, key, make=None):
+        """The value kept for key; else make()'s (made outside the lock, then kept),
+        or None without make."""
+        with self.lock:
+            if key in self.items:
+                self.items.move_to_end(key)
+                return self.items[key]
+        if make is None:
+            return None
+        value = make()
+        self.put(key, value)
+        return value
+
+    def put(self, key, value):
+        with self.lock:
+            self.items[key] = value
+            self.items.move_to_end(key)
+            while len(self.items) > self.size:
+                self.items.popitem(last=False)
+
+    def __len__(self):
+        return len(self.items)
 
 
-def render_slots(config):
-    """This process's render slots for this config."""
-    key = (config.max_concurrent_renders, config.queue_timeout)
-    if key not in _render_slots:
-        _render_slots[key] = RenderSlots(*key)
-    return _render_slots[key]
-
-
-def open_image(data, config):
-    """Open (lazily) and check the pixel count before any pixel is decoded."""
+def open_image(file, config):
+    """Open (lazily) with the allowed decoders only, and check the pixel count
+    before any pixel is decoded. `file` is a binary file or the source's bytes."""
     try:
-        image = Image.open(io.BytesIO(data))
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        raise Unprocessable("source is larger than max_source_pixels") from None
+        image = Image.open(io.BytesIO(file) if isinstance(file, bytes) else file,
+                           formats=config.input_formats)
     except UnidentifiedImageError:
-        raise Unprocessable("source is not an image format this server reads") from None
-    except (OSError, SyntaxError, ValueError, EOFError) as error:
+        raise Unprocessable("source is not an image in a format this server reads: "
+                            + " ".join(config.input_formats).lower()) from None
+    except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as error:
         raise Unprocessable("source is not a decodable image", repr(error)) from None
     if image.width * image.height > config.max_source_pixels:
         raise Unprocessable("source is larger than max_source_pixels")
     return image
 
 
-def render(source_data, spec, config):
-    """Decode, run the pipeline, encode within budget. Returns Rendered."""
+def probe_file(path, config):
+    """The Facts of a source file, from its header alone (Pillow opens lazily)."""
+    try:
+        with open(path, "rb") as file:
+            return facts_of(open_image(file, config))
+    except OSError as error:
+        raise NotFound("no such image", f"{path!r}: {error.strerror}") from None
+
+
+def facts_of(image):
+    """Upright size and transparency of an opened (not decoded) image."""
+    width, height = image.size
+    orientation = _orientation(image)
+    upright = (height, width) if orientation in (5, 6, 7, 8) else (width, height)
+    alpha = (image.mode in ("RGBA", "LA", "PA", "La", "RGBa")
+             or "transparency" in image.info)
+    return Facts(upright, alpha, orientation)
+
+
+def plan_output(facts, spec, config):
+    """The output's geometry and format for a source with these Facts (see Plan)."""
+    width, height = facts.size
+    region = (0, 0, width, height)
+    if spec.fit == "fill" and spec.width and spec.height:
+        size = (spec.width, spec.height)
+    elif spec.fit == "cover" and spec.width and spec.height:
+        size, region = _cover(facts.size, spec)
+    else:
+        size = _contain(facts.size, spec, (config.max_width, config.max_height))
+    canvas, offset = size, (0, 0)
+    if spec.fit == "pad":
+        canvas = (spec.width or size[0], spec.height or size[1])
+        across, down = GRAVITIES[spec.gravity]
+        offset = (round((canvas[0] - size[0]) * across), round((canvas[1] - size[1]) * down))
+    output_format = "png" if spec.png_for_alpha and facts.alpha else spec.format
+    alpha = facts.alpha and FORMATS[output_format][2]
+    uses_bg = (facts.alpha and not alpha) or canvas != size
+    return Plan(facts.size, region, size, canvas, offset, output_format, alpha, uses_bg)
+
+
+def _contain(size, spec, limits):
+    """The whole source scaled into the box (or left as it is), and always within
+    the output limits, whatever its aspect and whatever upscale allows."""
+    width, height = size
+    scales = [side / source for side, source in ((spec.width, width), (spec.height, height))
+              if side]
+    scale = min(scales) if scales else 1.0
+    if not spec.upscale:
+        scale = min(scale, 1.0)
+    scale = min(scale, limits[0] / width, limits[1] / height)
+    return (min(_whole_pixels(width * scale), limits[0]),
+            min(_whole_pixels(height * scale), limits[1]))
+
+
+def _cover(size, spec):
+    """(output size, region): the box filled by the part of the source that gravity
+    keeps. Only that part is resampled, so the scaled whole (for a 940x2 source in a
+    4000x4000 box, 1,880,000x4000 px) is never made."""
+    width, height = size
+    scale = max(spec.width / width, spec.height / height)
+    if not spec.upscale:
+        scale = min(scale, 1.0)
+    whole = (_whole_pixels(width * scale), _whole_pixels(height * scale))
+    output = (min(spec.width, whole[0]), min(spec.height, whole[1]))
+    shown = (width * output[0] / whole[0], height * output[1] / whole[1])
+    across, down = GRAVITIES[spec.gravity]
+    left, top = (width - shown[0]) * across, (height - shown[1]) * down
+    return output, (left, top, left + shown[0], top + shown[1])
+
+
+def _whole_pixels(length):
+    """Round half up (266.5 -> 267, as people expect), and never below 1 px."""
+    return max(1, math.floor(length + 0.5))
+
+
+def image_key(spec, plan, identity):
+    """Hex digest of everything that decides the output's bytes, and of nothing else:
+    a parameter that changes nothing for this source (bg on an opaque image, upscale
+    or gravity the plan does not use, a box side that does not bind) adds no key."""
+    lossy = plan.format in ("jpeg", "webp")
+    fields = {
+        "version": PROCESSING_VERSION,
+        "source": list(identity),
+        "region": [round(side, 3) for side in plan.region],
+        "size": list(plan.size),
+        "canvas": list(plan.canvas),
+        "offset": list(plan.offset),
+        "format": plan.format,
+        "quality": spec.quality if lossy else None,
+        "min_quality": spec.min_quality if lossy and spec.max_bytes else None,
+        "max_bytes": spec.max_bytes,
+        "progressive": spec.progressive if plan.format == "jpeg" else None,
+        "bg": spec.bg if plan.uses_bg else None,
+        "copyright": spec.keep_copyright,
+        "palette": spec.png_palette if plan.format == "png" else None,
+    }
+    canonical = json.dumps(fields, sort_keys=True)
+    return hashlib.sha256(canonical.encode()).hexdigest()[:32]
+
+
+def render(source_data, spec, config, transforms=None):
+    """Open, plan, decode, run the pipeline, encode within budget: a Rendered.
+
+    Only opening and decoding can fail on the source's account (422); whatever
+    fails after that is a bug of the server's own (500)."""
     started = time.perf_counter()
     image = open_image(source_data, config)
-    source_size, source_format = image.size, image.format
+    facts = facts_of(image)
+    plan = plan_output(facts, spec, config)
+    job = Job(spec, facts, plan,
+              LRU(TRANSFORM_CACHE_SIZE) if transforms is None else transforms,
+              time.monotonic() + config.max_render_seconds)
     animated, copyright_line = _is_animated(image), _copyright(image, spec)
-    # the geometry follows the source's own size, not the draft's rounded one
-    spec = dataclasses.replace(spec, source_size=_upright_size(image))
-    try:
-        image = decode(image, spec)
-        decoded = time.perf_counter()
-        for step in PIPELINE:
-            image = step(image, spec)
-    except (OSError, SyntaxError, ValueError, EOFError, IndexError, KeyError) as error:
-        # Pillow reports broken files through these, from whichever step first reads pixels.
-        raise Unprocessable(f"source is a {source_format} file this server cannot decode",
-                            repr(error)) from None
+    image = decode(image, job)
+    decoded = time.perf_counter()
+    for step in PIPELINE:
+        image = step(image, job)
     resized = time.perf_counter()
-    data, image, quality = encode(image, spec, copyright_line)
+    data, image, quality = encode(image, job, copyright_line)
     finished = time.perf_counter()
     timings = (("decode", decoded - started), ("resize", resized - decoded),
                ("encode", finished - resized))
-    return Rendered(data, spec.format if not _wants_png(image, spec) else "png",
-                    image.width, image.height, quality, source_size, timings, animated)
+    return Rendered(data, plan.format, image.width, image.height, quality, facts, plan,
+                    timings, animated)
 
 
 def _is_animated(image):
@@ -1284,14 +1613,12 @@ def _copyright(image, spec):
     return str(value).strip("\x00 ")[:200] or None if value else None
 
 
-def _upright_size(image):
-    """The source's size as a person sees it, after its EXIF orientation."""
-    width, height = image.size
-    return (height, width) if _orientation(image) in (5, 6, 7, 8) else (width, height)
-
-
 def _orientation(image):
-    """The EXIF orientation, 1 when absent, invalid or unreadable (never an error)."""
+    """The EXIF orientation, 1 when absent, invalid or unreadable (never an error).
+    Only EXIF found without decoding counts (a PNG's eXIf after its pixel data would
+    make Pillow decode the whole image first)."""
+    if image.format == "PNG" and "exif" not in image.info:
+        return 1
     try:
         value = image.getexif().get(EXIF_ORIENTATION, 1)
     except Exception:  # any broken EXIF block means "no orientation", by design
@@ -1299,57 +1626,42 @@ def _orientation(image):
     return value if value in ORIENTATIONS else 1
 
 
-def output_geometry(size, spec):
-    """(resized size, final size) for an upright source of `size` under `spec`."""
-    width, height = size
-    box_width, box_height = spec.width, spec.height
-    if not box_width and not box_height:
-        return size, size
-    if spec.fit == "fill" and box_width and box_height:
-        return (box_width, box_height), (box_width, box_height)
-    scales = [side / source for side, source in ((box_width, width), (box_height, height)) if side]
-    scale = max(scales) if spec.fit == "cover" and len(scales) == 2 else min(scales)
-    if not spec.upscale:
-        scale = min(scale, 1.0)
-    resized = (_whole_pixels(width * scale), _whole_pixels(height * scale))
-    if spec.fit == "cover" and box_width and box_height:
-        return resized, (min(box_width, resized[0]), min(box_height, resized[1]))
-    if spec.fit == "pad":
-        return resized, (box_width or resized[0], box_height or resized[1])
-    return resized, resized
-
-
-def _whole_pixels(length):
-    """Round half up (266.5 -> 267, as people expect), and never below 1 px."""
-    return max(1, math.floor(length + 0.5))
-
-
-def decode(image, spec):
-    """Shrink-on-load (JPEG DCT scaling to about the target size), then decode."""
-    if image.format == "JPEG" and (spec.width or spec.height):
-        (width, height), _ = output_geometry(_upright_size(image), spec)
-        if _orientation(image) in (5, 6, 7, 8):
+def decode(image, job):
+    """Shrink-on-load (JPEG DCT scaling to about the planned scale), then decode.
+    A broken file fails here, the one step that may: 422."""
+    plan = job.plan
+    if image.format in ("JPEG", "MPO"):  # an MPO is a JPEG with more pictures after it
+        left, top, right, bottom = plan.region
+        # the whole source at the scale its region is shown at
+        width = math.ceil(plan.source[0] * plan.size[0] / (right - left) * DRAFT_FACTOR)
+        height = math.ceil(plan.source[1] * plan.size[1] / (bottom - top) * DRAFT_FACTOR)
+        if job.facts.orientation in (5, 6, 7, 8):
             width, height = height, width
-        image.draft(None, (math.ceil(width * DRAFT_FACTOR), math.ceil(height * DRAFT_FACTOR)))
+        image.draft(None, (width, height))
     # the source is in memory already: hand it to the decoder whole, not in 64 KiB
     # pieces (each piece a suspension and resumption of libjpeg; 1-3 % faster)
     image.decodermaxblock = max(image.decodermaxblock, MAX_DECODER_BLOCK)
-    image.load()
+    try:
+        image.load()
+    except (OSError, SyntaxError, ValueError, EOFError, IndexError, KeyError) as error:
+        # Pillow reports broken files through these, and only once it reads pixels
+        raise Unprocessable(f"source is a {image.format} file this server cannot decode",
+                            repr(error)) from None
     return image
 
 
-def orient(image, spec):
+def orient(image, job):
     """Apply the EXIF orientation, so width and height mean the upright image."""
-    transpose = ORIENTATIONS.get(_orientation(image))
+    transpose = ORIENTATIONS.get(job.facts.orientation)
     return image.transpose(transpose) if transpose is not None else image
 
 
-def to_srgb(image, spec):
+def to_srgb(image, job):
     """Bring any mode and embedded profile to sRGB (or grey) 8-bit, keeping alpha."""
     profile = image.info.get("icc_profile")
     image = _to_working_mode(image)
     if profile and image.mode in ("RGB", "RGBA", "CMYK", "L", "LA"):
-        image = _apply_profile(image, profile)
+        image = _apply_profile(image, profile, job.transforms)
     if image.mode == "CMYK":
         image = image.convert("RGB")
     return image
@@ -1388,12 +1700,12 @@ def _grey_to_8_bits(image):
     return grey
 
 
-def _apply_profile(image, profile_bytes):
+def _apply_profile(image, profile_bytes, transforms):
     """Convert from an embedded ICC profile to sRGB; an unusable profile is ignored."""
     alpha = image.getchannel("A") if image.mode in ("RGBA", "LA") else None
     base = image.convert(image.mode[:-1]) if alpha else image
     try:
-        transform = _srgb_transform(profile_bytes, base.mode)
+        transform = _srgb_transform(profile_bytes, base.mode, transforms)
     except (ImageCms.PyCMSError, OSError, ValueError) as error:
         log.info("ignoring an unusable ICC profile: %s", error)
         return image
@@ -1408,26 +1720,21 @@ def _apply_profile(image, profile_bytes):
     return converted
 
 
-#: LittleCMS transforms to sRGB, by (profile digest, mode): built once per profile.
-_transforms = {}
-
 _SRGB_PROFILE = ImageCms.createProfile("sRGB")
 
 
-def _srgb_transform(profile_bytes, mode):
-    """A cached transform from this profile to sRGB; None when none is needed."""
-    digest = (hashlib.sha1(profile_bytes).digest(), mode)
-    if digest not in _transforms:
+def _srgb_transform(profile_bytes, mode, transforms):
+    """The transform from this profile to sRGB, built once per profile and kept in
+    the app's LRU; None when none is needed."""
+    def build():
         source = ImageCms.ImageCmsProfile(io.BytesIO(profile_bytes))
         space = source.profile.xcolor_space.strip()
         expected = {"L": "GRAY", "RGB": "RGB", "CMYK": "CMYK"}[mode]
         if space != expected or _is_srgb(source):
-            _transforms[digest] = None
-        else:
-            _transforms[digest] = ImageCms.buildTransform(
-                source, _SRGB_PROFILE, mode, "RGB",
-                renderingIntent=ImageCms.Intent.PERCEPTUAL)
-    return _transforms[digest]
+            return None
+        return ImageCms.buildTransform(source, _SRGB_PROFILE, mode, "RGB",
+                                       renderingIntent=ImageCms.Intent.PERCEPTUAL)
+    return transforms.get((hashlib.sha1(profile_bytes).digest(), mode), build)
 
 
 def _is_srgb(profile):
@@ -1435,96 +1742,112 @@ def _is_srgb(profile):
     return "srgb" in description
 
 
-def resize(image, spec):
-    """One resample to the planned size (premultiplied alpha, done by Pillow)."""
-    size, _ = output_geometry(spec.source_size or image.size, spec)
-    if size == image.size:
+def resize(image, job):
+    """One resample of the planned region to the planned size (premultiplied alpha,
+    done by Pillow). A decoded image smaller than the source (JPEG draft) has the
+    region scaled to it."""
+    plan = job.plan
+    if image.size == plan.size and plan.region == (0, 0) + plan.source:
         return image
-    return image.resize(size, Image.Resampling.LANCZOS, reducing_gap=REDUCING_GAP)
+    across, down = image.width / plan.source[0], image.height / plan.source[1]
+    left, top, right, bottom = plan.region
+    return image.resize(plan.size, Image.Resampling.LANCZOS, reducing_gap=REDUCING_GAP,
+                        box=(left * across, top * down, right * across, bottom * down))
 
 
-def crop_or_pad(image, spec):
-    """`cover` crops the overflow by gravity; `pad` centres the image on bg."""
-    if spec.fit not in ("cover", "pad"):
+def pad(image, job):
+    """`pad`: the resized image placed on a canvas of bg, at the planned offset."""
+    plan = job.plan
+    if plan.canvas == image.size:
         return image
-    final = (spec.width or image.width, spec.height or image.height)
-    if spec.fit == "cover":
-        final = (min(final[0], image.width), min(final[1], image.height))
-    if final == image.size:
-        return image
-    across, down = GRAVITIES[spec.gravity]
-    left = round((image.width - final[0]) * across)
-    top = round((image.height - final[1]) * down)
-    if spec.fit == "cover":
-        return image.crop((left, top, left + final[0], top + final[1]))
     mode = image.mode if image.mode in ("RGB", "RGBA") else "RGBA"
-    canvas = Image.new(mode, final, "#" + spec.bg)
-    canvas.paste(image.convert("RGBA"), (-left, -top), image.convert("RGBA"))
+    canvas = Image.new(mode, plan.canvas, "#" + job.spec.bg)
+    with_alpha = image.convert("RGBA")
+    canvas.paste(with_alpha, plan.offset, with_alpha)
     return canvas
 
 
-def flatten(image, spec):
+def flatten(image, job):
     """Put transparent pixels on bg where the output format has no alpha."""
-    if image.mode not in ("RGBA", "LA") or _keeps_alpha(image, spec):
+    if image.mode not in ("RGBA", "LA") or FORMATS[job.plan.format][2]:
         return image
-    background = Image.new("RGB", image.size, "#" + spec.bg)
+    background = Image.new("RGB", image.size, "#" + job.spec.bg)
     background.paste(image, mask=image.getchannel("A"))
-    if image.mode == "LA" and len(set(bytes.fromhex(spec.bg))) == 1:
+    if image.mode == "LA" and len(set(bytes.fromhex(job.spec.bg))) == 1:
         return background.convert("L")
     return background
 
 
-def _keeps_alpha(image, spec):
-    return FORMATS[spec.format][2] or _wants_png(image, spec)
+#: The image work after decoding, in order; each step is (image, job) -> image.
+PIPELINE = (orient, to_srgb, resize, pad, flatten)
 
 
-def _wants_png(image, spec):
-    return spec.png_for_alpha and image.mode in ("RGBA", "LA")
-
-
-#: The image work, in order; each step is (image, spec) -> image.
-PIPELINE = (orient, to_srgb, resize, crop_or_pad, flatten)
-
-
-def encode(image, spec, copyright_line=None):
-    """Encode, then keep within the byte budget: lower quality, then scale down.
+def encode(image, job, copyright_line=None):
+    """Encode, then keep within the byte budget: lower quality (a palette, for PNG),
+    then scale down; the search stops at max_render_seconds with what it has.
 
     Returns (bytes, the image encoded, the quality used).
     """
-    image.info = {}  # nothing of the source's metadata (EXIF, XMP, ICC, comments) goes out
-    if copyright_line:
-        image.info["exif"] = _copyright_exif(copyright_line)
-    data = _save(image, spec, spec.quality)
-    if not spec.max_bytes or len(data) <= spec.max_bytes or not _is_lossy(image, spec):
+    spec, output_format = job.spec, job.plan.format
+    # nothing of the source's metadata (EXIF, XMP, ICC, comments) goes out
+    image.info = {"exif": _copyright_exif(copyright_line)} if copyright_line else {}
+    lossy = output_format in ("jpeg", "webp")
+    if spec.max_bytes and not lossy:
+        image = _scaled_to_pixels(image, spec.max_bytes * PNG_PIXELS_PER_BUDGET_BYTE)
+    palette = spec.png_palette
+    data = _save(image, output_format, spec, spec.quality, palette)
+    if not spec.max_bytes or len(data) <= spec.max_bytes:
         return data, image, spec.quality
-    data, quality, size = _search_quality(image, spec, len(data))
+    quality, size = spec.quality, len(data)
+    if lossy:
+        data, quality, size = _search_quality(image, output_format, spec, size)
+    elif not palette:
+        palette = True
+        data = _save(image, output_format, spec, quality, palette)
+        size = len(data)
     exponent = BYTES_BY_SCALE_EXPONENT
     for _ in range(BUDGET_SCALE_STEPS):
-        if size <= spec.max_bytes or min(image.size) <= 16:
+        if size <= spec.max_bytes or min(image.size) <= 16 or time.monotonic() > job.deadline:
             break
         scale = min(0.95, (spec.max_bytes * BUDGET_AIM / size) ** (1 / exponent))
-        smaller = image.resize((max(1, round(image.width * scale)),
-                                max(1, round(image.height * scale))), Image.Resampling.LANCZOS)
-        smaller.info = {"exif": _copyright_exif(copyright_line)} if copyright_line else {}
-        data = _save(smaller, spec, quality)
+        smaller = _scaled(image, scale)
+        data = _save(smaller, output_format, spec, quality, palette)
         # learn how this image's bytes follow its scale, for a further step
         if 0 < len(data) < size:
             exponent = max(1.0, math.log(len(data) / size) / math.log(smaller.width / image.width))
         image, size = smaller, len(data)
+    if data is None:  # the quality search predicted, and no scaling step came
+        data = _save(image, output_format, spec, quality, palette)
+        size = len(data)
     if size > spec.max_bytes:
         log.warning("cannot fit %s into %d bytes: sending %d bytes at %dx%d",
-                    spec.name, spec.max_bytes, size, image.width, image.height)
+                    spec.name or spec.url, spec.max_bytes, size, image.width, image.height)
     return data, image, quality
 
 
-def _search_quality(image, spec, first_size):
+def _scaled(image, scale):
+    """The image resized by `scale`, keeping what encode() put in its info."""
+    smaller = image.resize((max(1, round(image.width * scale)),
+                            max(1, round(image.height * scale))), Image.Resampling.LANCZOS)
+    smaller.info = image.info
+    return smaller
+
+
+def _scaled_to_pixels(image, pixels):
+    """The image, scaled down to at most this many pixels."""
+    if image.width * image.height <= pixels:
+        return image
+    return _scaled(image, math.sqrt(pixels / (image.width * image.height)))
+
+
+def _search_quality(image, output_format, spec, first_size):
     """The highest quality that fits the budget, in a few encodes: each guess reads
     the typical bytes-by-quality curve from the nearest encode known too large.
 
     Returns (bytes or None, quality, their size); bytes are None when even
     min_quality is predicted too large (the caller scales down without them).
     """
-    curve = QUALITY_CURVES["webp" if spec.format == "webp" else "jpeg"]
+    curve = QUALITY_CURVES[output_format]
     high, high_size = spec.quality, first_size  # the lowest quality known too large
     best = None  # (quality, bytes) the highest quality known to fit
     for _ in range(QUALITY_SEARCH_ENCODES):
@@ -1540,7 +1863,7 @@ def _search_quality(image, spec, first_size):
             if predicted > spec.max_bytes / BUDGET_AIM:
                 return None, floor, round(predicted)
             quality = floor
-        data = _save(image, spec, quality)
+        data = _save(image, output_format, spec, quality)
         if len(data) <= spec.max_bytes:
             best = (quality, data)
             if len(data) >= spec.max_bytes * BUDGET_CLOSE_ENOUGH:
@@ -1551,7 +1874,7 @@ def _search_quality(image, spec, first_size):
         return best[1], best[0], len(best[1])
     if high == spec.min_quality:
         return None, high, high_size
-    data = _save(image, spec, spec.min_quality)
+    data = _save(image, output_format, spec, spec.min_quality)
     return data, spec.min_quality, len(data)
 
 
@@ -1572,27 +1895,26 @@ def _curve_at(curve, quality):
     return curve[low] * (1 - weight) + curve[high] * weight
 
 
-def _is_lossy(image, spec):
-    return not _wants_png(image, spec) and spec.format in ("jpeg", "webp")
-
-
 def _copyright_exif(copyright_line):
     exif = Image.Exif()
     exif[EXIF_COPYRIGHT] = copyright_line
     return exif.tobytes()
 
 
-def _save(image, spec, quality):
+def _save(image, output_format, spec, quality, palette=False):
     """Encode with settings per format (chosen in bench/encoding.py); the only
     metadata written is what encode() put in image.info."""
     buffer = io.BytesIO()
     exif = image.info.get("exif", b"")
-    if _wants_png(image, spec) or spec.format == "png":
-        if spec.png_palette:
-            image = image.quantize(256, method=Image.Quantize.FASTOCTREE
-                                   if image.mode in ("RGBA", "LA") else Image.Quantize.MEDIANCUT)
-        image.save(buffer, "PNG", optimize=True, exif=exif)
-    elif spec.format == "webp":
+    small = image.width * image.height <= PNG_OPTIMIZE_MAX_PIXELS
+    if output_format == "png":
+        if palette:
+            image = image.quantize(256, method=Image.Quantize.MEDIANCUT
+                                   if small and image.mode not in ("RGBA", "LA")
+                                   else Image.Quantize.FASTOCTREE)
+        image.save(buffer, "PNG", exif=exif, **({"optimize": True} if small else
+                                                {"compress_level": PNG_LARGE_COMPRESS_LEVEL}))
+    elif output_format == "webp":
         image.save(buffer, "WEBP", quality=min(100, quality + WEBP_QUALITY_OFFSET),
                    method=WEBP_METHOD, exif=exif)
     else:
@@ -1605,28 +1927,26 @@ def _save(image, spec, quality):
 
 # --- result cache -------------------------------------------------------------
 
-#: Magic bytes at the start and end of a whole file of each format (a cut file fails).
-_FORMAT_CHECKS = {
-    "jpeg": lambda head, tail, size: head[:2] == b"\xff\xd8" and tail[-2:] == b"\xff\xd9",
-    "png": lambda head, tail, size: head[:8] == b"\x89PNG\r\n\x1a\n" and tail[-8:-4] == b"IEND",
-    "webp": lambda head, tail, size: head[:4] == b"RIFF" and head[8:12] == b"WEBP"
-    and int.from_bytes(head[4:8], "little") + 8 == size,
-}
-
-#: Server-Timing of an answer from the result cache.
-CACHE_HIT_TIMING = "cache;desc=hit"
-
 #: A hit refreshes its entry's mtime (the LRU clock) at most this often, in seconds.
 TOUCH_INTERVAL = 3600
 
 #: Pruning trims the cache to this fraction of cache_max_mb, so it does not run at once again.
 PRUNE_TO = 0.9
 
+#: The unit a file takes on disk: the cache's bound counts blocks, not lengths
+#: (a 300-byte answer takes 4 KiB).
+DISK_BLOCK = 4096
+
+#: The cache's figures as of its last trim (entries and bytes on disk), so /_health
+#: never walks the disk.
+FIGURES_FILE = ".figures.json"
+
 
 @dataclasses.dataclass(frozen=True)
 class CacheEntry:
-    """An encoded result on disk; everything a response needs is in its file name:
-    KEY.SOURCE.WxH.qQUALITY.FRAMES.LENGTH.FORMAT"""
+    """An encoded result on disk; everything a response needs is in its file name,
+    with a CRC-32 of the content checked on every hit:
+    KEY.SOURCE.WxH.qQUALITY.FRAMES.LENGTH.CRC.FORMAT"""
 
     key: str
     source: str
@@ -1635,38 +1955,50 @@ class CacheEntry:
     quality: int
     animated: bool
     length: int
+    crc: int
     format: str
 
     @property
     def name(self):
         return (f"{self.key}.{self.source}.{self.width}x{self.height}.q{self.quality}."
-                f"{'a' if self.animated else 's'}.{self.length}.{self.format}")
+                f"{'a' if self.animated else 's'}.{self.length}.{self.crc:08x}.{self.format}")
 
     @classmethod
     def parse(cls, name):
         try:
-            key, source, size, quality, frames, length, fmt = name.split(".")
+            key, source, size, quality, frames, length, crc, fmt = name.split(".")
             width, height = size.split("x")
             return cls(key, source, int(width), int(height), int(quality[1:]), frames == "a",
-                       int(length), fmt)
+                       int(length), int(crc, 16), fmt)
         except ValueError:
             return None
 
+    @classmethod
+    def of(cls, key, source, rendered):
+        return cls(key, source, rendered.width, rendered.height, rendered.quality,
+                   rendered.animated, len(rendered.data), zlib.crc32(rendered.data),
+                   rendered.format)
 
-def source_tag(relative_path):
+
+def source_tag(name):
     """Short digest naming a source in cache file names, so purge can find its variants."""
-    return hashlib.sha256(relative_path.encode()).hexdigest()[:12]
+    return hashlib.sha256(name.encode()).hexdigest()[:12]
+
+
+def _disk_bytes(length):
+    return -(-length // DISK_BLOCK) * DISK_BLOCK
 
 
 class ResultCache:
-    """Encoded results under cache_dir by image key: atomic writes, LRU trimming."""
+    """Encoded results under cache_dir by image key: atomic writes, checksums,
+    LRU trimming by disk blocks."""
 
     def __init__(self, config):
         self.folder = config.cache_dir
         self.max_bytes = config.cache_max_mb * 1024 * 1024
         self.fsync = config.cache_fsync
         self.lock_timeout = config.lock_timeout
-        self.hits = self.misses = 0
+        self.counts = collections.Counter()  # hits, misses, damaged: this process's
         self.written = 0
         self.last_prune = time.monotonic()
         self.pruning = threading.Lock()
@@ -1676,52 +2008,53 @@ class ResultCache:
         return os.path.join(self.folder, key[:2], key[2:4])
 
     def lookup(self, key):
-        """(entry, open file) for a sound cached result, else None; a bad file is removed."""
+        """(entry, open file) for a sound cached result, else None; a damaged file
+        (wrong length or checksum) is removed."""
         folder = self._folder_of(key)
         try:
             names = [name for name in os.listdir(folder) if name.startswith(key + ".")]
         except OSError:
-            names = []
-        entry = CacheEntry.parse(names[0]) if names else None
-        if entry is None or entry.format not in _FORMAT_CHECKS:
-            self.misses += 1
             return None
+        entries = [entry for entry in map(CacheEntry.parse, names)
+                   if entry and entry.format in FORMATS]
+        if not entries:
+            return None
+        entry = entries[0]
         path = os.path.join(folder, entry.name)
         try:
             file = open(path, "rb")
         except OSError:
-            self.misses += 1
             return None
         if not self._is_sound(file, entry):
             file.close()
             log.warning("removing a damaged cache file %s", path)
+            self.counts["damaged"] += 1
             self._remove(path)
-            self.misses += 1
             return None
-        self.hits += 1
         return entry, file
 
     def _is_sound(self, file, entry):
         stat = os.fstat(file.fileno())
-        if stat.st_size != entry.length or stat.st_size < 12:
+        if stat.st_size != entry.length:
             return False
-        head = os.pread(file.fileno(), 12, 0)
-        tail = os.pread(file.fileno(), 12, stat.st_size - 12)
+        crc = 0
+        while chunk := file.read(262144):
+            crc = zlib.crc32(chunk, crc)
+        file.seek(0)
         if time.time() - stat.st_mtime > TOUCH_INTERVAL:
             try:
                 os.utime(file.fileno())
             except OSError:
                 pass  # a read-only cache still serves
-        return _FORMAT_CHECKS[entry.format](head, tail, stat.st_size)
+        return crc == entry.crc
 
     def store(self, entry, data):
         """Write atomically (a temporary file in the same folder, then rename)."""
         folder = self._folder_of(entry.key)
         temporary = None
         try:
-            os.makedirs(folder, exist_ok=True)
-            descriptor, temporary = tempfile.mkstemp(dir=folder, prefix=".tmp-")
-            with os.fdopen(descriptor, "wb") as file:
+            temporary = self._temporary_in(folder)
+            with open(temporary, "wb") as file:
                 file.write(data)
                 if self.fsync:
                     file.flush()
@@ -1736,8 +2069,23 @@ class ResultCache:
             self.write_failed = True
             return
         self.write_failed = False
-        self.written += len(data)
+        self.written += _disk_bytes(len(data))
         self._maybe_prune()
+
+    @staticmethod
+    def _temporary_in(folder):
+        """A new temporary file's path in folder, made if missing (trimming removes
+        empty folders, perhaps just after makedirs: then once more)."""
+        for attempt in (1, 2):
+            os.makedirs(folder, exist_ok=True)
+            try:
+                descriptor, temporary = tempfile.mkstemp(dir=folder, prefix=".tmp-")
+            except FileNotFoundError:
+                if attempt == 2:
+                    raise
+                continue
+            os.close(descriptor)
+            return temporary
 
     def lock(self, key):
         """A cross-process lock for one key, so one render makes it and others wait."""
@@ -1765,6 +2113,8 @@ class ResultCache:
             if os.path.basename(folder) == ".locks":
                 continue
             for name in names:
+                if name == FIGURES_FILE:
+                    continue
                 path = os.path.join(folder, name)
                 try:
                     yield path, CacheEntry.parse(name), os.stat(path)
@@ -1772,7 +2122,8 @@ class ResultCache:
                     continue  # removed meanwhile
 
     def prune(self):
-        """Trim to PRUNE_TO of the bound, least recently used first; drop stale temporaries.
+        """Trim to PRUNE_TO of the bound in disk blocks, least recently used first;
+        drop stale temporaries and empty folders; note the figures for /_health.
         Removing a file being served is safe: the reader keeps its open descriptor."""
         with _StripeLock(os.path.join(self.folder, ".locks", "prune"), 0) as locked:
             if not locked:
@@ -1783,27 +2134,63 @@ class ResultCache:
                     if time.time() - stat.st_mtime > 3600:
                         removed += self._remove(path)
                     continue
-                files.append((stat.st_mtime, stat.st_size, path))
+                files.append((stat.st_mtime, stat.st_blocks * 512, path))
             total = sum(size for _, size, _ in files)
-            for _, size, path in sorted(files):
-                if total <= self.max_bytes * PRUNE_TO:
-                    break
+            files.sort()
+            while files and total > self.max_bytes * PRUNE_TO:
+                _, size, path = files.pop(0)
                 removed += self._remove(path)
                 total -= size
+            self._remove_empty_folders()
+            self._write_figures({"entries": len(files), "bytes": total, "at": time.time()})
             return removed
 
-    def purge(self, relative_path):
+    def _remove_empty_folders(self):
+        """Fan-out folders left empty (deepest first; rmdir leaves any that are not)."""
+        for folder, _, _ in os.walk(self.folder, topdown=False):
+            if folder != self.folder and os.path.basename(folder) != ".locks":
+                try:
+                    os.rmdir(folder)
+                except OSError:
+                    pass  # not empty, or a render wrote into it meanwhile
+
+    def _write_figures(self, figures):
+        path = os.path.join(self.folder, FIGURES_FILE)
+        try:
+            temporary = self._temporary_in(self.folder)
+            with open(temporary, "w", encoding="utf-8") as file:
+                json.dump(figures, file)
+            os.chmod(temporary, 0o644)
+            os.rename(temporary, path)
+        except OSError as error:
+            log.warning("cannot write the cache figures (%s)", error)
+
+    def figures(self):
+        """Entries and bytes as of the last trim, and this process's counts, from
+        one small file: constant time, however large the cache."""
+        try:
+            with open(os.path.join(self.folder, FIGURES_FILE), encoding="utf-8") as file:
+                figures = json.load(file)
+        except (OSError, ValueError):
+            figures = {"entries": None, "bytes": None, "at": None}
+        hits, misses = self.counts["hits"], self.counts["misses"]
+        return {"entries_at_last_trim": figures.get("entries"),
+                "bytes_at_last_trim": figures.get("bytes"),
+                "last_trim": figures.get("at"), "max_bytes": self.max_bytes,
+                "hits": hits, "misses": misses, "damaged": self.counts["damaged"],
+                "hit_ratio": round(hits / (hits + misses), 3) if hits + misses else None}
+
+    def purge(self, name):
         """Remove every variant of one source."""
-        tag = source_tag(relative_path)
+        tag = source_tag(name)
         return sum(self._remove(path) for path, entry, _ in list(self.entries())
                    if entry and entry.source == tag)
 
     def stats(self):
-        sizes = [stat.st_size for _, entry, stat in self.entries() if entry]
-        lookups = self.hits + self.misses
-        return {"dir": self.folder, "entries": len(sizes), "bytes": sum(sizes),
-                "max_bytes": self.max_bytes, "hits": self.hits, "misses": self.misses,
-                "hit_ratio": round(self.hits / lookups, 3) if lookups else None}
+        """Entries and bytes on disk, counted by walking the folder (for the command line)."""
+        blocks = [stat.st_blocks * 512 for _, entry, stat in self.entries() if entry]
+        return {"dir": self.folder, "entries": len(blocks), "bytes": sum(blocks),
+                "max_bytes": self.max_bytes}
 
     @staticmethod
     def _remove(path):
@@ -1842,47 +2229,58 @@ class _StripeLock:
             self.file.close()  # closing releases the lock
 
 
-_result_cache = None
-
-
-def result_cache(config):
-    """This process's ResultCache, or None when cache_dir is empty."""
-    global _result_cache
-    if not config.cache_dir:
-        return None
-    if _result_cache is None or _result_cache.folder != config.cache_dir:
-        _result_cache = ResultCache(config)
-    return _result_cache
-
-
 # --- responses ----------------------------------------------------------------
 
 
 @dataclasses.dataclass(frozen=True)
 class Response:
-    """Status, headers and a body: bytes, or an open file of `length` bytes."""
+    """Status, headers and a body: bytes, or an open file of `length` bytes.
+    `key` and `hit` are for the request's log line."""
 
     status: int
     headers: tuple
     body: object = b""
     length: Optional[int] = None
+    key: str = "-"
+    hit: bool = False
 
 
-def image_response(spec, source, entry, config, body, timing):
+@dataclasses.dataclass(frozen=True)
+class Produced:
+    """An encoded image ready to send: its cache entry, its body (bytes, or the open
+    cache file), the source whose bytes made it, and how it was had."""
+
+    entry: CacheEntry
+    body: object
+    source: Source
+    hit: bool
+    timing: str
+
+    def close(self):
+        if hasattr(self.body, "close"):
+            self.body.close()
+
+
+#: Server-Timing of an answer from the result cache.
+CACHE_HIT_TIMING = "cache;desc=hit"
+
+
+def image_response(spec, produced, config):
     """200 with the image (bytes, or an open cache file that goes out through
     wsgi.file_wrapper) and every header caches and browsers need."""
+    entry = produced.entry
     headers = _image_headers(spec, config, FORMATS[entry.format][1]) + _validators(
-        entry.key, source) + (
-        ("Server-Timing", timing),
+        entry.key, produced.source) + (
+        ("Server-Timing", produced.timing),
         ("X-Image-Size", f"{entry.width}x{entry.height}"),
         ("X-Image-Quality", str(entry.quality)),
         ("X-Image-Network", spec.network),
     ) + ((("X-Image-Frames", "first (the source is animated)"),) if entry.animated else ())
-    return Response(200, headers, body, entry.length)
+    return Response(200, headers, produced.body, entry.length, entry.key, produced.hit)
 
 
 def not_modified_response(spec, source, config, key):
-    return Response(304, _image_headers(spec, config, None) + _validators(key, source))
+    return Response(304, _image_headers(spec, config, None) + _validators(key, source), key=key)
 
 
 def _validators(key, source):
@@ -1904,54 +2302,39 @@ def _image_headers(spec, config, content_type):
     return headers
 
 
-def error_response(error, spec, config):
-    """The one place an HTTPError becomes a response."""
-    headers = (("Cache-Control", f"public, max-age={config.error_max_age}"),)
+def _error_headers(error, spec, config):
+    """An error's caching headers: 4xx for error_max_age, 5xx never stored by a
+    shared cache (a passing failure must not be replayed once it has passed)."""
+    if error.status >= 500:
+        headers = (("Cache-Control", "no-store"),)
+    else:
+        headers = (("Cache-Control", f"public, max-age={config.error_max_age}"),)
     if isinstance(error, MethodNotAllowed):
-        return Response(405, headers + (("Allow", "GET, HEAD"), ("Content-Type", "text/plain")))
+        headers += (("Allow", "GET, HEAD"),)
     if isinstance(error, Busy):
-        headers = (("Cache-Control", "no-store"), ("Retry-After", "2"))
-    if error.image is None:
-        return Response(error.status, headers + (("Content-Type", "text/plain; charset=utf-8"),),
-                        (error.message + "\n").encode())
-    data, content_type = _error_image(getattr(config, error.image), spec, config)
-    if error.status != 404:
+        headers += (("Retry-After", "2"),)
+    if error.image and error.status != 404:
         headers += (("X-Image-Error", error.message),)
-    if spec and spec.vary:
+    if error.image and spec and spec.vary:
         headers += (("Vary", ", ".join(spec.vary)),)
-    return Response(error.status, headers + (("Content-Type", content_type),), data)
+    return headers
 
 
-def _error_image(path, spec, config):
-    """The error picture fitted to the request, or as it is if that fails too."""
+def pillow_build():
+    """Which PIL is loaded: its version, whether it is Pillow-SIMD, how it was built."""
+    from importlib import metadata
+    simd = True
     try:
-        with open(path, "rb") as file:
-            data = file.read()
-    except OSError:
-        log.exception("cannot read the error image %s", path)
-        return b"", "image/png"
-    if spec is None:
-        return data, "image/png"
-    try:
-        rendered = render(data, dataclasses.replace(spec, upscale=True, max_bytes=0), config)
-    except Exception:
-        log.exception("cannot render the error image %s", path)
-        return data, "image/png"
-    return rendered.data, FORMATS[rendered.format][1]
-
-
-def health_response(config):
-    """JSON about this server: version, Pillow build, config in use."""
-    body = json.dumps({
-        "status": "ok",
-        "version": VERSION,
-        "pillow": pillow_build(),
-        "config": config.path,
-        "image_root": config.image_root,
-        "cache": result_cache(config).stats() if result_cache(config) else None,
-    }, indent=2).encode() + b"\n"
-    return Response(200, (("Content-Type", "application/json"),
-                          ("Cache-Control", "no-store")), body)
+        metadata.distribution("Pillow-SIMD")
+    except metadata.PackageNotFoundError:
+        simd = False
+    build = {}
+    record = os.path.join(sys.prefix, "dynimg-build.json")
+    if os.path.exists(record):
+        with open(record, encoding="utf-8") as file:
+            build = json.load(file)
+    return {"version": Image.__version__, "simd": simd, "avx2": build.get("avx2"),
+            "built_with": build.get("cc")}
 
 
 #: The classes the demo page shows side by side, slowest first.
@@ -1961,51 +2344,9 @@ DEMO_CLASSES = ("slow-2g", "2g", "3g", "4g", "wifi")
 #: ECT figures; 4g and wifi are ordinary figures), for the demo's arrival times.
 TYPICAL_KBITS = {"slow-2g": 50, "2g": 70, "3g": 700, "4g": 4000, "wifi": 20000}
 
-
-def demo_response(environ, config):
-    """An HTML page showing one image as each network class would receive it."""
-    if config.signing_keys:
-        # the demo renders any name and size: with signed URLs, it would bypass them
-        raise Forbidden("the demo page is off while URLs must be signed")
-    params = _parse_query(environ.get("QUERY_STRING", ""))
-    width = _int_param(params, "width", 1, config.max_width, 640)
-    if "name" not in params:
-        raise BadRequest("name: required, such as /_demo?name=sunset.jpg")
-    base = environ.get("SCRIPT_NAME", "") + "/" + urllib.parse.quote(_check_name(params["name"]))
-    figures = [_demo_figure(environ, config, base, f"bandwidth={network}&width={width}",
-                            network) for network in DEMO_CLASSES if network in config.profiles]
-    yours = _demo_figure(environ, config, base, f"width={width}", "yours", panel=True)
-    body = DEMO_PAGE.format(name=html.escape(params["name"]), width=width,
-                            figures="\n".join(figures), yours=yours).encode()
-    hints = ", ".join(CLIENT_HINTS)
-    return Response(200, (("Content-Type", "text/html; charset=utf-8"),
-                          ("Accept-CH", hints), ("Critical-CH", "ECT, Save-Data, Sec-CH-DPR"),
-                          ("Vary", ", ".join(_DEMO_VARY)),
-                          ("Cache-Control", "no-store")), body)
-
-
 #: The hints the demo page itself reads (it shows what this browser selected).
 _DEMO_VARY = ("ECT", "Downlink", "Save-Data", "Sec-CH-DPR", "DPR", "Sec-CH-Viewport-Width",
               "Viewport-Width")
-
-
-def _demo_figure(environ, config, base, query, label, panel=False):
-    """One <figure>: the image URL and what the server sends for it, rendered here."""
-    request = dict(environ, PATH_INFO=base[len(environ.get("SCRIPT_NAME", "")):],
-                   QUERY_STRING=query)
-    spec = parse_spec(request, config)
-    rendered = render(open_source(spec, config).data, spec, config)
-    seconds = len(rendered.data) * 8 / 1000 / TYPICAL_KBITS.get(spec.network, 4000)
-    facts = (f'<span class="network">{html.escape(spec.network)}</span>: '
-             f'<span class="bytes">{len(rendered.data):,}</span> bytes, '
-             f'{rendered.width}×{rendered.height} px, quality {rendered.quality}, '
-             f'~{seconds:.1f} s at {spec.network if spec.network in TYPICAL_KBITS else "4g"}')
-    if panel:
-        facts += (f'<br>dpr {spec.dpr:g}; this URL varies on: '
-                  f'{html.escape(", ".join(spec.vary) or "nothing")}')
-    url = html.escape(f"{base}?{query}")
-    return (f'<figure id="{label}"><img src="{url}" alt="{label}">'
-            f'<figcaption><a href="{url}"><code>{url}</code></a><br>{facts}</figcaption></figure>')
 
 
 DEMO_PAGE = """<!doctype html>
@@ -2035,143 +2376,252 @@ figcaption code {{ font-size: 11px; word-break: break-all; }}
 """
 
 
-def pillow_build():
-    """Which PIL is loaded: its version, whether it is Pillow-SIMD, how it was built."""
-    from importlib import metadata
-    simd = True
-    try:
-        metadata.distribution("Pillow-SIMD")
-    except metadata.PackageNotFoundError:
-        simd = False
-    build = {}
-    record = os.path.join(sys.prefix, "dynimg-build.json")
-    if os.path.exists(record):
-        with open(record, encoding="utf-8") as file:
-            build = json.load(file)
-    return {"version": Image.__version__, "simd": simd, "avx2": build.get("avx2"),
-            "built_with": build.get("cc")}
-
 
 # --- WSGI application -----------------------------------------------------------
 
-_config = None
+
+class App:
+    """The dynimg WSGI application. It owns what lives as long as the process:
+    the config, the result cache, the render slots, the colour transforms and the
+    facts of sources seen; two apps (two configs) can live in one process.
+
+    Every image it sends, whatever it is for (an answer, a 404 or error picture,
+    a demo tile), comes through produce(): from the result cache, or rendered in
+    a render slot and kept.
+    """
+
+    def __init__(self, config):
+        limit_pillow()
+        self.config = config
+        self.cache = ResultCache(config) if config.cache_dir else None
+        self.slots = RenderSlots(config.max_concurrent_renders, config.queue_timeout,
+                                 config.max_waiting_renders)
+        self.transforms = LRU(TRANSFORM_CACHE_SIZE)
+        self.facts = LRU(FACTS_CACHE_SIZE)
+        self.pages = {"/_health": self.health_page, "/_demo": self.demo_page}
+
+    def __call__(self, environ, start_response):
+        """Build the request, answer it, start the response, log one line."""
+        started = time.perf_counter()
+        request = Request.from_environ(environ)
+        try:
+            response, spec = self.respond(request)
+        except MemoryError:
+            raise
+        except Exception:
+            log.exception("unexpected error for %s?%s", request.path, request.query)
+            response, spec = self.error_response(InternalError("internal error"), None), None
+        length = response.length if response.length is not None else len(response.body)
+        headers = list(response.headers)
+        if response.status != 304:
+            # a 304's Content-Length would describe the image, not this empty answer; a
+            # wrong one makes caches (Apache's mod_cache) throw their stored copy away
+            headers.append(("Content-Length", str(length)))
+        start_response(f"{response.status} {http.HTTPStatus(response.status).phrase}", headers)
+        log.info("%s %s?%s %d %d bytes net=%s cache=%s key=%s %.0f ms", request.method,
+                 request.path, request.query, response.status, length,
+                 spec.network if spec else "-", "hit" if response.hit else "-", response.key,
+                 (time.perf_counter() - started) * 1000)
+        if request.method == "HEAD" or response.status == 304:
+            if hasattr(response.body, "close"):
+                response.body.close()
+            return []
+        if hasattr(response.body, "read"):
+            file_wrapper = environ.get("wsgi.file_wrapper")
+            return file_wrapper(response.body, 65536) if file_wrapper else _chunks(response.body)
+        return [response.body]
+
+    def respond(self, request):
+        """(response, spec or None): the one place an HTTPError becomes a response."""
+        spec = None
+        try:
+            if request.method not in ("GET", "HEAD"):
+                raise MethodNotAllowed("method not allowed")
+            if request.path.startswith("/_"):
+                page = self.pages.get(request.path)
+                if page is None:
+                    raise NotFound("no such page")
+                return page(request), None
+            spec = parse_spec(request, self.config)
+            return self.serve_image(spec, request), spec
+        except HTTPError as error:
+            if error.status >= 500 or error.detail != error.message:
+                log.info("%s: %s", error.status, error.detail)
+            return self.error_response(error, spec), spec
+
+    def serve_image(self, spec, request):
+        """304 if the client has it, else the image (cached or rendered)."""
+        source = stat_source(spec, self.config)
+        key = self.known_key(spec, source)
+        if key and _client_has_it(request, key, source):
+            return not_modified_response(spec, source, self.config, key)
+        produced = self.produce(spec, source, key, lambda: open_source(spec, self.config))
+        return image_response(spec, produced, self.config)
+
+    def known_key(self, spec, source):
+        """The image key of spec's answer from this source, where the source's facts
+        are known without reading it all (a file's header; a remote source once it
+        has been fetched); else None."""
+        probe = None if spec.url else (lambda: probe_file(source.path, self.config))
+        facts = self.facts.get(source.identity, probe)
+        return facts and image_key(spec, plan_output(facts, spec, self.config), source.identity)
+
+    def produce(self, spec, source, key, read):
+        """The encoded image for spec: from the result cache, else rendered (one render
+        per key across processes while the cache is on). `read` gives the source with
+        its bytes, only when a render needs them."""
+        if key is None or self.cache is None:
+            return self._render(spec, read)
+        produced = self._cached(key, source)
+        if produced is None:
+            with self.cache.lock(key):
+                # another process may have made it while we waited
+                produced = self._cached(key, source) or self._render(spec, read)
+        return produced
+
+    def _cached(self, key, source):
+        hit = self.cache.lookup(key)
+        if hit is None:
+            return None
+        self.cache.counts["hits"] += 1
+        entry, file = hit
+        return Produced(entry, file, source, True, CACHE_HIT_TIMING)
+
+    def _render(self, spec, read):
+        """Render in a render slot (503 when none comes free within queue_timeout),
+        keyed by the identity of the bytes actually read, and keep the result."""
+        source = read()
+        with self.slots:
+            rendered = render(source.data, spec, self.config, self.transforms)
+        self.facts.put(source.identity, rendered.facts)
+        key = image_key(spec, rendered.plan, source.identity)
+        entry = CacheEntry.of(key, source_tag(spec.url or source.identity[0]), rendered)
+        if self.cache is not None:
+            self.cache.counts["misses"] += 1
+            self.cache.store(entry, rendered.data)
+        timing = ", ".join(f"{name};dur={seconds * 1000:.1f}"
+                           for name, seconds in rendered.timings)
+        return Produced(entry, rendered.data, source, False, timing)
+
+    def error_response(self, error, spec):
+        """An HTTPError as a response: a line of text, or its picture fitted to the
+        request (made and cached like any image); 503 if no render slot comes free."""
+        headers = _error_headers(error, spec, self.config)
+        if error.image is None:
+            text = b"" if isinstance(error, MethodNotAllowed) else (error.message + "\n").encode()
+            return Response(error.status,
+                            headers + (("Content-Type", "text/plain; charset=utf-8"),), text)
+        try:
+            body, length, content_type = self.error_picture(error.image, spec)
+        except Busy as busy:
+            return self.error_response(busy, None)
+        return Response(error.status, headers + (("Content-Type", content_type),), body, length)
+
+    def error_picture(self, name, spec):
+        """(body, length, media type) of the picture for an error (`name`: a config
+        attribute), fitted to the request; for a request that never became a spec,
+        or where fitting fails, the picture file as it is."""
+        path = getattr(self.config, name)
+        if spec is not None:
+            try:
+                return self._fitted_picture(name, path, spec)
+            except Busy:
+                raise
+            except Exception:  # the picture is broken, or a bug: the answer still goes out
+                log.exception("cannot fit the error picture %s", path)
+        try:
+            with open(path, "rb") as file:
+                data = file.read()
+        except OSError as error:
+            log.error("cannot read the error picture %s: %s", path, error)
+            data = b""
+        return data, len(data), mimetypes.guess_type(path)[0] or "application/octet-stream"
+
+    def _fitted_picture(self, name, path, spec):
+        stat = os.stat(path)
+        source = Source(path, ("picture:" + name, stat.st_size, stat.st_mtime_ns), stat.st_mtime)
+        spec = dataclasses.replace(spec, name=name, url="", upscale=True, max_bytes=0)
+        produced = self.produce(spec, source, self.known_key(spec, source),
+                                lambda: dataclasses.replace(read_file_source(path, self.config),
+                                                            identity=source.identity))
+        return produced.body, produced.entry.length, FORMATS[produced.entry.format][1]
+
+    def health_page(self, request):
+        """JSON: status and version for anyone; the build, paths and cache figures
+        only where [server] health_details allows. Constant time: nothing is walked."""
+        body = {"status": "ok", "version": VERSION}
+        if self.config.health_details:
+            body.update(pillow=pillow_build(), formats=self.config.input_formats,
+                        config=self.config.path, image_root=self.config.image_root,
+                        cache=self.cache.figures() if self.cache else None)
+        return Response(200, (("Content-Type", "application/json"),
+                              ("Cache-Control", "no-store")),
+                        json.dumps(body, indent=2).encode() + b"\n")
+
+    def demo_page(self, request):
+        """An HTML page showing one image as each network class would receive it."""
+        if self.config.signing_keys:
+            # the demo renders any name and size: with signed URLs, it would bypass them
+            raise Forbidden("the demo page is off while URLs must be signed")
+        params = _parse_query(request.query)
+        width = _int_param(params, "width", 1, self.config.max_width, 640)
+        if "name" not in params:
+            raise BadRequest("name: required, such as /_demo?name=sunset.jpg")
+        name = check_name(params["name"])
+        figures = [self._demo_figure(request, name, f"bandwidth={network}&width={width}",
+                                     network) for network in DEMO_CLASSES
+                   if network in self.config.profiles]
+        yours = self._demo_figure(request, name, f"width={width}", "yours", panel=True)
+        body = DEMO_PAGE.format(name=html.escape(name), width=width,
+                                figures="\n".join(figures), yours=yours).encode()
+        return Response(200, (("Content-Type", "text/html; charset=utf-8"),
+                              ("Accept-CH", ", ".join(CLIENT_HINTS)),
+                              ("Critical-CH", "ECT, Save-Data, Sec-CH-DPR"),
+                              ("Vary", ", ".join(_DEMO_VARY)),
+                              ("Cache-Control", "no-store")), body)
+
+    def _demo_figure(self, request, name, query, label, panel=False):
+        """One <figure>: the image URL and what the server sends for it (from the
+        result cache, or rendered like any request)."""
+        spec = parse_spec(dataclasses.replace(request, path="/" + name, query=query),
+                          self.config)
+        source = stat_source(spec, self.config)
+        produced = self.produce(spec, source, self.known_key(spec, source),
+                                lambda: open_source(spec, self.config))
+        produced.close()
+        entry = produced.entry
+        seconds = entry.length * 8 / 1000 / TYPICAL_KBITS.get(spec.network, 4000)
+        facts = (f'<span class="network">{html.escape(spec.network)}</span>: '
+                 f'<span class="bytes">{entry.length:,}</span> bytes, '
+                 f'{entry.width}×{entry.height} px, quality {entry.quality}, '
+                 f'~{seconds:.1f} s at {spec.network if spec.network in TYPICAL_KBITS else "4g"}')
+        if panel:
+            facts += (f'<br>dpr {spec.dpr:g}; this URL varies on: '
+                      f'{html.escape(", ".join(spec.vary) or "nothing")}')
+        url = html.escape(f"{request.script_name}/{urllib.parse.quote(name)}?{query}")
+        return (f'<figure id="{label}"><img src="{url}" alt="{label}">'
+                f'<figcaption><a href="{url}"><code>{url}</code></a><br>{facts}'
+                f'</figcaption></figure>')
 
 
-def get_config():
-    """The config, loaded (and logging set up) on first use in this process."""
-    global _config
-    if _config is None:
-        config = load_config()
-        configure_logging(config)
-        apply_limits(config)
-        tune_malloc()
-        _config = config
-    return _config
+def create_app(path=None):
+    """The app for a config file (DYNIMG_CONFIG, else the dynimg.ini beside this
+    module), with logging set up from it: what dynimg.wsgi and the command line run.
+    A bad value raises ConfigError naming the section and key."""
+    config = load_config(path)
+    configure_logging(config)
+    tune_malloc()
+    return App(config)
 
 
-def serve_image(spec, environ, config):
-    """Answer one image request: 304 if the client has it, else from the result
-    cache, else render (one render per key at a time) and keep the result."""
-    source = stat_source(spec, config)
-    key = spec.key(source.identity)
-    if _client_has_it(environ, key, source):
-        return not_modified_response(spec, source, config, key)
-    cache = result_cache(config)
-    if cache is None:
-        return render_response(spec, open_source(spec, config), config)
-    hit = cache.lookup(key)
-    if hit is None:
-        with cache.lock(key):
-            hit = cache.lookup(key)  # another process may have made it while we waited
-            if hit is None:
-                return render_response(spec, open_source(spec, config), config, cache)
-    entry, file = hit
-    return image_response(spec, source, entry, config, file, CACHE_HIT_TIMING)
-
-
-def _client_has_it(environ, key, source):
+def _client_has_it(request, key, source):
     """If-None-Match decides when sent; otherwise If-Modified-Since."""
-    if_none_match = environ.get("HTTP_IF_NONE_MATCH")
+    if_none_match = request.headers.get("If-None-Match")
     if if_none_match is not None:
         return is_not_modified(if_none_match, f'"{key}"')
-    if_modified_since = environ.get("HTTP_IF_MODIFIED_SINCE")
+    if_modified_since = request.headers.get("If-Modified-Since")
     return if_modified_since is not None and not is_modified_since(if_modified_since,
                                                                    source.mtime)
-
-
-def render_response(spec, source, config, cache=None):
-    """Render (keyed by the identity of the bytes actually read) and keep the result."""
-    key = spec.key(source.identity)
-    with render_slots(config):
-        rendered = render(source.data, spec, config)
-    entry = CacheEntry(key, source_tag(spec.url or source.identity[0]), rendered.width,
-                       rendered.height, rendered.quality, rendered.animated,
-                       len(rendered.data), rendered.format)
-    if cache is not None:
-        cache.store(entry, rendered.data)
-    timing = ", ".join(f"{name};dur={seconds * 1000:.1f}" for name, seconds in rendered.timings)
-    return image_response(spec, source, entry, config, rendered.data, timing)
-
-
-#: Paths that are the server's own pages rather than image names.
-PAGES = {"/_health": lambda environ, config: health_response(config),
-         "/_demo": demo_response}
-
-
-def handle(environ, config, parsed):
-    """Route one request to a page or an image; `parsed` receives the spec."""
-    if environ.get("REQUEST_METHOD", "GET") not in ("GET", "HEAD"):
-        raise MethodNotAllowed("method not allowed")
-    path = environ.get("PATH_INFO", "")
-    if path.startswith("/_"):
-        page = PAGES.get(path)
-        if page is None:
-            raise NotFound("no such page")
-        return page(environ, config)
-    parsed.append(parse_spec(environ, config))
-    return serve_image(parsed[0], environ, config)
-
-
-def application(environ, start_response):
-    """The WSGI callable: parse, handle, turn errors into responses, respond."""
-    started = time.perf_counter()
-    config = get_config()
-    parsed = []
-    try:
-        response = handle(environ, config, parsed)
-    except HTTPError as error:
-        if error.status >= 500 or error.detail != error.message:
-            log.info("%s: %s", error.status, error.detail)
-        response = error_response(error, parsed[0] if parsed else None, config)
-    except MemoryError:
-        raise
-    except Exception:
-        log.exception("unexpected error for %s?%s", environ.get("PATH_INFO"),
-                      environ.get("QUERY_STRING"))
-        response = error_response(InternalError("internal error"),
-                                  parsed[0] if parsed else None, config)
-    length = response.length if response.length is not None else len(response.body)
-    headers = list(response.headers)
-    if response.status != 304:
-        # a 304's Content-Length would describe the image, not this empty answer; a
-        # wrong one makes caches (Apache's mod_cache) throw their stored copy away
-        headers.append(("Content-Length", str(length)))
-    start_response(f"{response.status} {http.HTTPStatus(response.status).phrase}", headers)
-    headers_out = dict(response.headers)
-    log.info("%s %s?%s %d %d bytes net=%s cache=%s key=%s %.0f ms",
-             environ.get("REQUEST_METHOD"), environ.get("PATH_INFO"),
-             environ.get("QUERY_STRING", ""), response.status, length,
-             parsed[0].network if parsed else "-",
-             "hit" if headers_out.get("Server-Timing") == CACHE_HIT_TIMING else "-",
-             headers_out.get("X-Image-Key", "-"), (time.perf_counter() - started) * 1000)
-    if environ.get("REQUEST_METHOD") == "HEAD" or response.status == 304:
-        if hasattr(response.body, "close"):
-            response.body.close()
-        return []
-    if hasattr(response.body, "read"):
-        file_wrapper = environ.get("wsgi.file_wrapper")
-        return file_wrapper(response.body, 65536) if file_wrapper else _chunks(response.body)
-    return [response.body]
 
 
 def _chunks(file):
@@ -2206,22 +2656,21 @@ def main(argv=None):
     render_command.add_argument("--forcefit", action="store_true")
     render_command.add_argument("--upscale", action="store_true")
     args = parser.parse_args(argv)
-    if args.config:
-        os.environ["DYNIMG_CONFIG"] = os.path.abspath(args.config)
     try:
-        config = get_config()
+        app = create_app(args.config)
     except ConfigError as error:
         print(f"dynimg: {error}", file=sys.stderr)
         return 2
-    return COMMANDS[args.command](args, config)
+    return COMMANDS[args.command](args, app)
 
 
-def _command_check(args, config):
-    print(f"{config.path}: ok (image root {config.image_root})")
+def _command_check(args, app):
+    print(f"{app.config.path}: ok (image root {app.config.image_root})")
     return 0
 
 
-def _command_sign(args, config):
+def _command_sign(args, app):
+    config = app.config
     if not config.signing_keys:
         print("dynimg: no signing_key is set in [security]", file=sys.stderr)
         return 1
@@ -2233,8 +2682,8 @@ def _command_sign(args, config):
     return 0
 
 
-def _command_cache(args, config):
-    cache = result_cache(config)
+def _command_cache(args, app):
+    cache = app.cache
     if cache is None:
         print("dynimg: the result cache is off (cache_dir is empty)", file=sys.stderr)
         return 1
@@ -2242,7 +2691,7 @@ def _command_cache(args, config):
         if not args.name:
             print("dynimg: cache purge needs the source's name", file=sys.stderr)
             return 2
-        print(f"removed {cache.purge(_check_name(args.name))} cached variants of {args.name}")
+        print(f"removed {cache.purge(check_name(args.name))} cached variants of {args.name}")
     elif args.action == "prune":
         print(f"removed {cache.prune()} files; bound {cache.max_bytes // 1048576} MiB")
     stats = cache.stats()
@@ -2251,7 +2700,7 @@ def _command_cache(args, config):
     return 0
 
 
-def _command_serve(args, config):
+def _command_serve(args, app):
     from wsgiref.simple_server import make_server, WSGIRequestHandler
 
     def mounted(environ, start_response):
@@ -2261,37 +2710,36 @@ def _command_serve(args, config):
             start_response("404 Not Found", [("Content-Type", "text/plain")])
             return [b"dynimg is mounted at /images/\n"]
         environ["SCRIPT_NAME"], environ["PATH_INFO"] = "/images", path[len("/images"):]
-        return application(environ, start_response)
+        return app(environ, start_response)
 
     class QuietHandler(WSGIRequestHandler):
         def log_message(self, *args):
             pass  # the app logs each request itself
 
     with make_server(args.host, args.port, mounted, handler_class=QuietHandler) as server:
-        print(f"dynimg serving {config.image_root} at http://{args.host}:{args.port}/images/")
+        print(f"dynimg serving {app.config.image_root} at http://{args.host}:{args.port}/images/")
         server.serve_forever()
     return 0
 
 
-def _command_render(args, config):
+def _command_render(args, app):
     params = {name: value for name, value in vars(args).items()
               if name in PARAMETERS and name != "name" and value not in (None, False)}
     params.update({"forcefit": "1"} if args.forcefit else {})
     params.update({"upscale": "1"} if args.upscale else {})
-    environ = {"REQUEST_METHOD": "GET", "PATH_INFO": "/" + args.name,
-               "QUERY_STRING": urllib.parse.urlencode(params)}
+    request = Request(path="/" + args.name, query=urllib.parse.urlencode(params))
     try:
-        spec = parse_spec(environ, config)
-        source = open_source(spec, config)
+        spec = parse_spec(request, app.config)
+        source = open_source(spec, app.config)
         started = time.perf_counter()
-        rendered = render(source.data, spec, config)
+        rendered = render(source.data, spec, app.config, app.transforms)
     except HTTPError as error:
         print(f"dynimg: {error.status}: {error.message}", file=sys.stderr)
         return 1
     elapsed = (time.perf_counter() - started) * 1000
     with open(args.output, "wb") as output:
         output.write(rendered.data)
-    print(f"{spec.name}: {rendered.source_size[0]}x{rendered.source_size[1]} -> "
+    print(f"{spec.name}: {rendered.plan.source[0]}x{rendered.plan.source[1]} -> "
           f"{rendered.width}x{rendered.height} {rendered.format} q{rendered.quality}, "
           f"{len(rendered.data)} bytes, {elapsed:.0f} ms -> {args.output}")
     return 0

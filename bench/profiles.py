@@ -29,7 +29,8 @@ WIDTHS = (360, 800, 1600)
 
 def main():
     config = dynimg.load_config()
-    dynimg.apply_limits(config)
+    dynimg.limit_pillow()
+    transforms = dynimg.LRU(dynimg.TRANSFORM_CACHE_SIZE)  # as an app keeps them
     classes = [name for name in THROUGHPUT if name in config.profiles]
     rows = {}
     encodes = []
@@ -38,16 +39,18 @@ def main():
     for path in corpus_files():
         data = open(path, "rb").read()
         full = Image.open(path)
-        full = dynimg.to_srgb(dynimg.orient(full.convert("RGB"), None), None)
+        # orient and to_srgb need only the source's facts and the transforms of a job
+        job = dynimg.Job(spec=None, facts=dynimg.facts_of(full), plan=None,
+                         transforms=transforms, deadline=0)
+        full = dynimg.to_srgb(dynimg.orient(full.convert("RGB"), job), job)
         for width in WIDTHS:
             height = round(full.height * width / full.width)
             reference = full.resize((width, height), Image.Resampling.LANCZOS)
             for network in classes:
-                environ = {"PATH_INFO": "/x.jpg",
-                           "QUERY_STRING": f"bandwidth={network}&width={width}"}
-                spec = dynimg.parse_spec(environ, config)
+                request = dynimg.Request(path="/x.jpg", query=f"bandwidth={network}&width={width}")
+                spec = dynimg.parse_spec(request, config)
                 encodes.clear()
-                rendered = dynimg.render(data, spec, config)
+                rendered = dynimg.render(data, spec, config, transforms)
                 rows.setdefault((network, width), []).append(
                     (len(rendered.data), rendered.quality, rendered.width,
                      ssim(reference, Image.open(io.BytesIO(rendered.data))), len(encodes)))

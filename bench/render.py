@@ -10,7 +10,6 @@ so nothing of it touches the runtime venv.
 """
 
 import io
-import json
 import math
 import os
 import statistics
@@ -87,21 +86,23 @@ class Libvips:
 
 def main():
     config = dynimg.load_config()
-    dynimg.apply_limits(config)
+    dynimg.limit_pillow()
     dynimg.tune_malloc()  # as the server process does
+    transforms = dynimg.LRU(dynimg.TRANSFORM_CACHE_SIZE)  # as an app keeps them
     files = photos()
     data = {path: open(path, "rb").read() for path in files}
     results = {}
     libvips = Libvips()
     with tempfile.TemporaryDirectory() as folder:
         for box in BOXES:
-            spec = dynimg.parse_spec({"PATH_INFO": "/x.jpg",
-                                      "QUERY_STRING": f"width={box}&height={box}&q=80"}, config)
+            spec = dynimg.parse_spec(dynimg.Request(path="/x.jpg",
+                                                    query=f"width={box}&height={box}&q=80"),
+                                     config)
             times = {name: {path: [] for path in files} for name in ("dynimg", "naive", "libvips")}
             outputs = {}
             for _ in range(ROUNDS):
                 for path in files:  # the three paths back to back on each image
-                    ms, rendered = timed(dynimg.render, data[path], spec, config)
+                    ms, rendered = timed(dynimg.render, data[path], spec, config, transforms)
                     times["dynimg"][path].append(ms)
                     outputs[("dynimg", path)] = rendered.data
                     ms, output = timed(naive, data[path], box)

@@ -100,12 +100,13 @@ def config(image_root, tmp_path_factory):
 
 
 class App:
-    """The WSGI app, called directly on a test environ under wsgiref.validate."""
+    """A dynimg app of its own for a config, called directly on a test environ
+    under wsgiref.validate. `monkeypatch` is accepted for older call sites."""
 
-    def __init__(self, config, monkeypatch):
-        monkeypatch.setattr(dynimg, "_config", config)
-        dynimg.apply_limits(config)
-        self.app = validator(dynimg.application)
+    def __init__(self, config, monkeypatch=None):
+        self.dynimg = dynimg.App(config)
+        self.config = config
+        self.app = validator(self.dynimg)
 
     def request(self, path="/", query="", method="GET", headers=None):
         return self.request_raw(path.encode("utf-8").decode("latin-1"), query, method, headers)
@@ -147,8 +148,9 @@ class Reply:
 
 
 @pytest.fixture
-def app(config, monkeypatch):
-    return App(config, monkeypatch)
+def app(image_root, tmp_path):
+    """An app with a result cache of its own (the test's tmp_path)."""
+    return App(dynimg.load_config(write_config(str(tmp_path), image_root)))
 
 
 def free_port():
@@ -196,7 +198,7 @@ def stop(process):
 class ModWsgiExpress:
     """A real mod_wsgi-express (Apache) serving dynimg.wsgi under /images."""
 
-    def __init__(self, config_path, processes=2, threads=4, front_cache=False):
+    def __init__(self, config_path, processes=2, threads=8, front_cache=False):
         """front_cache: with the shipped apache/cache.conf (Apache's cache) in front."""
         self.folder = os.path.dirname(config_path)
         self.port = free_port()

@@ -8,6 +8,7 @@ import pytest
 from PIL import Image, ImageChops, ImageStat
 
 import dynimg
+from conftest import App, write_config
 
 
 def test_contain_fits_the_box_without_aspect_loss(app):
@@ -61,6 +62,23 @@ def test_bare_name_returns_the_whole_image_re_encoded(app):
     reply = app.request("/photo-medium-1.jpg")
     assert reply.status == 200
     assert reply.image().size == (800, 533)
+
+
+@pytest.mark.parametrize("name, query, size", [
+    ("photo-medium-1.jpg", "", (300, 200)),                   # 800x533, no box
+    ("photo-large-portrait.jpg", "", (200, 300)),
+    ("tiny-1x1.png", "width=300&upscale=1", (300, 300)),
+    ("tiny-1x1.png", "height=300&upscale=1", (300, 300)),
+    ("photo-medium-1.jpg", "height=300&upscale=1", (300, 200)),  # the width limit binds
+])
+def test_the_output_never_exceeds_max_width_and_max_height(image_root, tmp_path, name, query,
+                                                            size):
+    small = App(dynimg.load_config(write_config(str(tmp_path), image_root, limits={
+        "max_width": "300", "max_height": "300"})))
+    reply = small.request("/" + name, query)
+    assert reply.status == 200
+    assert reply.image().size == size
+    assert reply.headers["X-Image-Size"] == "{}x{}".format(*size)
 
 
 @pytest.mark.parametrize("name, fmt, mime", [("webp", "WEBP", "image/webp"),
@@ -137,7 +155,7 @@ def test_undecodable_sources_get_422_with_the_error_image(app, name, reason):
 
 
 def test_unexpected_error_gets_500_with_error_image_and_traceback(app, monkeypatch, caplog):
-    def broken(image, spec):
+    def broken(image, job):
         raise RuntimeError("a bug")
     with monkeypatch.context() as patch, caplog.at_level(logging.ERROR, logger="dynimg"):
         patch.setattr(dynimg, "PIPELINE", (broken,))
@@ -145,19 +163,33 @@ def test_unexpected_error_gets_500_with_error_image_and_traceback(app, monkeypat
         reply = app.request("/photo-medium-1.jpg", "width=101")
     assert reply.status == 500
     assert reply.headers["Content-Type"].startswith("image/")
+    assert reply.headers["Cache-Control"] == "no-store"  # a passing failure is not replayed
     assert "RuntimeError: a bug" in caplog.text
     assert "a bug" not in reply.headers.get("X-Image-Error", "")
     assert app.request("/photo-medium-1.jpg", "width=101").status == 200
 
 
-def test_health_reports_version_and_pillow_build(app):
+def test_health_reports_only_status_and_version_by_default(app):
+    reply = app.request("/_health")
+    assert reply.status == 200
+    assert reply.headers["Cache-Control"] == "no-store"
+    assert json.loads(reply.body) == {"status": "ok", "version": dynimg.VERSION}
+
+
+def test_health_reports_pillow_build_config_and_cache_with_details_on(tmp_path, image_root):
+    app = App(dynimg.load_config(write_config(str(tmp_path), image_root,
+                                              server={"health_details": "yes"})))
+    assert app.request("/photo-medium-1.jpg", "width=100").status == 200
     reply = app.request("/_health")
     assert reply.status == 200
     health = json.loads(reply.body)
-    assert health["version"] == dynimg.VERSION
+    assert health["status"] == "ok" and health["version"] == dynimg.VERSION
     assert health["pillow"]["version"] == Image.__version__
     assert isinstance(health["pillow"]["simd"], bool)
     assert health["config"].endswith("dynimg.ini")
+    assert health["image_root"] == image_root
+    assert "JPEG" in health["formats"]
+    assert health["cache"]["misses"] == 1 and health["cache"]["hits"] == 0
 
 
 def test_unknown_underscore_page_is_404(app):

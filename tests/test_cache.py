@@ -7,6 +7,7 @@ import shutil
 import subprocess
 import sys
 import time
+import zlib
 
 import pytest
 
@@ -15,15 +16,22 @@ from conftest import PROJECT, App, write_config
 
 
 @pytest.fixture
-def cached_app(image_root, tmp_path, monkeypatch):
-    """The app with a result cache of its own, empty at the start."""
-    config = dynimg.load_config(write_config(str(tmp_path), image_root))
-    return App(config, monkeypatch), config
+def cached_app(image_root, tmp_path):
+    """The app with a result cache of its own, empty at the start (and /_health
+    details on, to read the cache's figures)."""
+    config = dynimg.load_config(write_config(str(tmp_path), image_root,
+                                             server={"health_details": "yes"}))
+    return App(config), config
+
+
+def disk_bytes(paths):
+    return sum(os.stat(path).st_blocks * 512 for path in paths)
 
 
 def cache_files(config):
+    """Every file in the cache but its locks and its figures (for /_health)."""
     return [os.path.join(folder, name) for folder, _, names in os.walk(config.cache_dir)
-            for name in names if ".locks" not in folder]
+            for name in names if ".locks" not in folder and name != dynimg.FIGURES_FILE]
 
 
 def test_a_repeated_request_is_a_cache_hit_with_the_same_bytes_and_headers(cached_app):
@@ -39,6 +47,20 @@ def test_a_repeated_request_is_a_cache_hit_with_the_same_bytes_and_headers(cache
     key = first.headers["X-Image-Key"]
     [path] = cache_files(config)
     assert path.startswith(os.path.join(config.cache_dir, key[:2], key[2:4], key + "."))
+    # KEY.SOURCE.WxH.qQ.FRAMES.LENGTH.CRC.FORMAT: all a response needs, and a checksum
+    entry = dynimg.CacheEntry.parse(os.path.basename(path))
+    assert entry.name == os.path.basename(path)
+    assert (entry.key, entry.format) == (key, "jpeg")
+    assert f"{entry.width}x{entry.height}" == first.headers["X-Image-Size"]
+    assert entry.quality == int(first.headers["X-Image-Quality"])
+    assert entry.length == len(first.body) and entry.crc == zlib.crc32(first.body)
+    assert entry.source == dynimg.source_tag("photo-medium-2.jpg")
+    # the app counts each request once; a lookup of its own counts nothing
+    cache = app.dynimg.cache
+    assert (cache.counts["misses"], cache.counts["hits"]) == (1, 1)
+    hit = cache.lookup(key)
+    hit[1].close()
+    assert (cache.counts["misses"], cache.counts["hits"]) == (1, 1)
 
 
 def test_head_on_a_hit_agrees_with_get(cached_app):
@@ -62,7 +84,7 @@ def test_a_changed_source_gets_a_new_key_and_never_the_stale_entry(cached_app, i
     assert after.image().size == (200, 125)  # the new photo's shape, not the old one's
 
 
-@pytest.mark.parametrize("damage", ["truncate", "flip-end", "garbage-name"])
+@pytest.mark.parametrize("damage", ["truncate", "flip-end", "flip-middle", "garbage-name"])
 def test_a_damaged_cache_file_is_never_served(cached_app, damage):
     app, config = cached_app
     first = app.request("/photo-medium-2.jpg", "width=320")
@@ -74,12 +96,20 @@ def test_a_damaged_cache_file_is_never_served(cached_app, damage):
         with open(path, "r+b") as file:
             file.seek(-2, os.SEEK_END)
             file.write(b"\x00\x00")
+    elif damage == "flip-middle":  # same length: only the checksum tells
+        with open(path, "r+b") as file:
+            file.seek(os.path.getsize(path) // 2)
+            byte = file.read(1)
+            file.seek(-1, os.SEEK_CUR)
+            file.write(bytes([byte[0] ^ 0xFF]))
     else:
         os.rename(path, path.replace(".jpeg", ".bogus"))
     again = app.request("/photo-medium-2.jpg", "width=320")
     assert "decode" in again.headers["Server-Timing"]
     assert again.image().size == (320, 200)
     assert app.request("/photo-medium-2.jpg", "width=320").body == first.body
+    if damage != "garbage-name":  # a name that is no entry is not even looked at
+        assert app.dynimg.cache.counts["damaged"] == 1
 
 
 def test_temporary_files_of_a_killed_writer_are_not_served_and_are_pruned(cached_app):
@@ -94,7 +124,7 @@ def test_temporary_files_of_a_killed_writer_are_not_served_and_are_pruned(cached
         file.write(key_reply.body[:100])
     os.utime(partial, (time.time() - 7200, time.time() - 7200))
     assert "decode" in app.request("/photo-medium-2.jpg", "width=330").headers["Server-Timing"]
-    dynimg.result_cache(config).prune()
+    app.dynimg.cache.prune()
     assert not os.path.exists(partial)
 
 
@@ -117,13 +147,13 @@ def test_one_render_per_key_when_many_threads_ask_at_once(cached_app, monkeypatc
     assert sum(r.headers["Server-Timing"] == "cache;desc=hit" for r in replies) == 7
 
 
-def test_an_empty_cache_dir_turns_the_cache_off(image_root, tmp_path, monkeypatch):
+def test_an_empty_cache_dir_turns_the_cache_off(image_root, tmp_path):
     config = dynimg.load_config(write_config(str(tmp_path), image_root, cache={"cache_dir": ""}))
-    app = App(config, monkeypatch)
+    app = App(config)
+    assert app.dynimg.cache is None
     app.request("/photo-medium-1.jpg", "width=100")
     again = app.request("/photo-medium-1.jpg", "width=100")
     assert again.status == 200 and "decode" in again.headers["Server-Timing"]
-    assert dynimg.result_cache(config) is None
 
 
 def test_an_unwritable_cache_serves_uncached_with_a_log_line(image_root, tmp_path, monkeypatch,
@@ -132,7 +162,7 @@ def test_an_unwritable_cache_serves_uncached_with_a_log_line(image_root, tmp_pat
     blocker.write_bytes(b"")
     config = dynimg.load_config(write_config(str(tmp_path), image_root,
                                              cache={"cache_dir": str(blocker)}))
-    app = App(config, monkeypatch)
+    app = App(config)
     with caplog.at_level("WARNING", logger="dynimg"):
         monkeypatch.setattr(dynimg.log, "propagate", True)
         reply = app.request("/photo-medium-1.jpg", "width=90")
@@ -145,26 +175,44 @@ def test_pruning_keeps_the_bound_and_the_recently_used(cached_app, monkeypatch):
     widths = range(600, 1400, 100)
     for width in widths:
         app.request("/photo-large-1.jpg", f"width={width}")
-    sizes = [os.path.getsize(path) for path in cache_files(config)]
+    on_disk = disk_bytes(cache_files(config))
     recent = app.request("/photo-large-1.jpg", "width=600")  # a hit: now the most recent
     assert recent.headers["Server-Timing"] == "cache;desc=hit"
-    cache = dynimg.result_cache(config)
+    cache = app.dynimg.cache
     old = time.time() - 10000
     for path in cache_files(config):
         if "600x" not in path:
             os.utime(path, (old, old))
-    bound = sum(sizes) // 2
+    bound = on_disk // 2
     monkeypatch.setattr(cache, "max_bytes", bound)
     assert cache.prune() > 0
     left = cache_files(config)
-    assert sum(os.path.getsize(path) for path in left) <= bound * dynimg.PRUNE_TO
+    assert disk_bytes(left) <= bound * dynimg.PRUNE_TO
     assert any(".600x" in path for path in left)
+
+
+def test_the_bound_counts_disk_blocks_not_lengths(cached_app, monkeypatch):
+    """Small answers take a whole block each: their lengths would undercount."""
+    app, config = cached_app
+    for width in range(10, 20):
+        app.request("/photo-medium-1.jpg", f"width={width}&format=png")
+    paths = cache_files(config)
+    lengths = sum(os.path.getsize(path) for path in paths)
+    blocks = disk_bytes(paths)
+    assert len(paths) == 10 and blocks >= 10 * 4096 > lengths * 2
+    cache = app.dynimg.cache
+    assert cache.stats()["bytes"] == blocks and cache.stats()["entries"] == 10
+    # a bound the lengths fit in twice over still trims, by blocks
+    monkeypatch.setattr(cache, "max_bytes", lengths * 2)
+    assert cache.prune() > 0
+    left = cache_files(config)
+    assert disk_bytes(left) <= lengths * 2 * dynimg.PRUNE_TO
 
 
 def test_removing_a_file_being_served_does_not_cut_the_response(cached_app):
     app, config = cached_app
     first = app.request("/photo-medium-2.jpg", "width=340")
-    entry, file = dynimg.result_cache(config).lookup(first.headers["X-Image-Key"])
+    entry, file = app.dynimg.cache.lookup(first.headers["X-Image-Key"])
     for path in cache_files(config):
         os.unlink(path)
     with file:
@@ -200,12 +248,24 @@ def test_cache_control_carries_the_stale_windows_and_errors_the_short_age(cached
 
 
 def test_health_shows_cache_size_entries_and_hit_ratio(cached_app):
-    app, _ = cached_app
+    app, config = cached_app
     app.request("/photo-medium-1.jpg", "width=130")
     app.request("/photo-medium-1.jpg", "width=130")
     cache = json.loads(app.request("/_health").body)["cache"]
-    assert cache["entries"] == 1 and cache["bytes"] > 0
-    assert cache["hits"] == 1 and cache["misses"] >= 1 and 0 < cache["hit_ratio"] < 1
+    assert cache["hits"] == 1 and cache["misses"] == 1 and cache["hit_ratio"] == 0.5
+    assert cache["damaged"] == 0 and cache["max_bytes"] == config.cache_max_mb * 1024 * 1024
+    # sizes come from the last trim (/_health never walks the disk): none yet
+    assert cache["entries_at_last_trim"] is None and cache["bytes_at_last_trim"] is None
+    app.dynimg.cache.prune()
+    cache = json.loads(app.request("/_health").body)["cache"]
+    assert cache["entries_at_last_trim"] == 1
+    assert cache["bytes_at_last_trim"] == disk_bytes(cache_files(config))
+    assert cache["last_trim"] <= time.time()
+
+
+def test_health_hides_the_cache_without_details(app):
+    app.request("/photo-medium-1.jpg", "width=130")
+    assert "cache" not in json.loads(app.request("/_health").body)
 
 
 def test_cache_command_stats_purge_and_prune(cached_app, image_root):
@@ -236,6 +296,6 @@ def test_cached_files_go_out_through_wsgi_file_wrapper(cached_app):
     environ = {"REQUEST_METHOD": "GET", "PATH_INFO": "/photo-medium-1.jpg",
                "QUERY_STRING": "width=140",
                "wsgi.file_wrapper": lambda file, size: wrapped.append(file) or [file.read()]}
-    body = dynimg.application(environ, lambda status, headers: None)
+    body = app.dynimg(environ, lambda status, headers: None)
     assert wrapped and body[0][:2] == b"\xff\xd8"
     wrapped[0].close()

@@ -4,13 +4,15 @@ comes out upright, in sRGB, with transparency handled and no metadata."""
 import io
 import math
 import os
+import struct
 import time
+import zlib
 
 import pytest
 from PIL import Image, ImageChops, ImageCms, ImageFilter, ImageOps, ImageStat
 
 import dynimg
-from conftest import corpus_dir, read_manifest
+from conftest import App, corpus_dir, read_manifest, write_config
 
 FORMATS = {"jpeg": "JPEG", "webp": "WEBP", "png": "PNG"}
 
@@ -125,6 +127,28 @@ def test_png_and_webp_sources_with_exif_orientation_are_turned(app, image_root, 
     assert difference(turned, upright) < 6
 
 
+def test_a_png_orientation_after_its_pixels_is_ignored_as_browsers_do(app, image_root):
+    """An eXIf chunk after IDAT (browsers read it only before) leaves the PNG as stored,
+    and the plan and the pixels agree: nothing squashed or cropped from the wrong side."""
+    source = Image.open(os.path.join(image_root, "exif-orient-1.jpg"))
+    buffer = io.BytesIO()
+    source.save(buffer, "PNG")
+    exif = Image.Exif()
+    exif[dynimg.EXIF_ORIENTATION] = 6
+    payload = b"eXIf" + exif.tobytes()
+    chunk = (struct.pack(">I", len(payload) - 4) + payload
+             + struct.pack(">I", zlib.crc32(payload) & 0xFFFFFFFF))
+    data = buffer.getvalue()
+    end = data.rindex(b"IEND") - 4
+    with open(os.path.join(image_root, "orient-6-late.png"), "wb") as file:
+        file.write(data[:end] + chunk + data[end:])
+    os.chmod(os.path.join(image_root, "orient-6-late.png"), 0o644)
+    stored = app.request("/exif-orient-1.jpg", "width=300&height=300&fit=cover").image()
+    late = app.request("/orient-6-late.png", "width=300&height=300&fit=cover").image()
+    assert late.size == (300, 300)
+    assert difference(late, stored) < 6
+
+
 def mean_colour_shift(first, second):
     """The largest difference of the two images' mean R, G or B (0 to 255)."""
     first, second = ImageStat.Stat(on_white(first)).mean, ImageStat.Stat(on_white(second)).mean
@@ -157,7 +181,7 @@ def test_cmyk_without_a_profile_matches_the_rgb_original(app):
 
 
 def test_one_transform_is_built_per_profile(app, monkeypatch):
-    dynimg._transforms.clear()
+    assert len(app.dynimg.transforms) == 0  # each app keeps its own
     built = []
     original = ImageCms.buildTransform
     monkeypatch.setattr(ImageCms, "buildTransform", lambda *a, **k: built.append(1) or
@@ -165,6 +189,7 @@ def test_one_transform_is_built_per_profile(app, monkeypatch):
     for width in (100, 150, 200):
         assert app.request("/icc-adobergb.jpg", f"width={width}").status == 200
     assert len(built) == 1
+    assert len(app.dynimg.transforms) == 1
 
 
 @pytest.mark.parametrize("fmt, mode", [("jpeg", "L"), ("png", "L"), ("webp", "RGB")])
@@ -241,11 +266,11 @@ def test_format_is_sniffed_from_content_not_the_extension(app):
 ])
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_tiny_and_extreme_shapes_give_at_least_one_pixel(app, size, query, expected, fmt):
-    spec = dynimg.parse_spec({"PATH_INFO": "/x.png", "QUERY_STRING": f"{query}&format={fmt}"},
-                             dynimg._config)
+    request = dynimg.Request(path="/x.png", query=f"{query}&format={fmt}")
+    spec = dynimg.parse_spec(request, app.config)
     buffer = io.BytesIO()
     Image.new("RGB", size, "#3366cc").save(buffer, "PNG")
-    rendered = dynimg.render(buffer.getvalue(), spec, dynimg._config)
+    rendered = dynimg.render(buffer.getvalue(), spec, app.config, app.dynimg.transforms)
     assert Image.open(io.BytesIO(rendered.data)).size == expected
 
 
@@ -262,23 +287,47 @@ def test_format_auto_negotiates_with_accept(app, accept, source, expected):
     assert reply.image().format == expected.split("/")[1].upper()
 
 
-def test_copyright_line_is_kept_only_when_the_config_says(app, config, monkeypatch):
+def test_copyright_line_is_kept_only_when_the_config_says(app):
     plain = app.request("/photo-medium-1.jpg", "width=100").image()
     assert not plain.getexif()
-    monkeypatch.setattr(dynimg, "_config",
-                        dynimg.dataclasses.replace(config, keep_copyright=True))
+    keeping = App(dynimg.dataclasses.replace(app.config, keep_copyright=True))
     for fmt in FORMATS:
-        kept = app.request("/photo-medium-1.jpg", f"width=100&format={fmt}")
+        kept = keeping.request("/photo-medium-1.jpg", f"width=100&format={fmt}")
         exif = kept.image().getexif()
         assert exif.get(dynimg.EXIF_COPYRIGHT, "").startswith("Myleen Hollero")
         assert set(exif) == {dynimg.EXIF_COPYRIGHT}
         assert b"ns.adobe.com/xap" not in kept.body
 
 
-def test_png_palette_switch_quantizes(app, config, monkeypatch):
-    monkeypatch.setattr(dynimg, "_config", dynimg.dataclasses.replace(config, png_palette=True))
-    image = app.request("/png-alpha.png", "width=150&format=png").image()
+def test_png_palette_switch_quantizes(app):
+    assert app.request("/png-alpha.png", "width=150&format=png").image().mode == "RGBA"
+    palette = App(dynimg.dataclasses.replace(app.config, png_palette=True))
+    image = palette.request("/png-alpha.png", "width=150&format=png").image()
     assert image.mode == "P"
+
+
+@pytest.mark.parametrize("name, fmt", [("photo.pcx", "PCX"), ("photo.ico", "ICO"),
+                                       ("photo.tga", "TGA")])
+def test_formats_outside_the_configured_decoders_answer_422(app, image_root, name, fmt):
+    """Pillow reads these, but no decoder outside [limits] formats is handed a source."""
+    photo = Image.open(os.path.join(image_root, "photo-medium-1.jpg")).convert("RGB")
+    derived(image_root, name, photo.resize((64, 43)), fmt)
+    assert Image.open(os.path.join(image_root, name)).format == fmt
+    reply = app.request("/" + name, "width=32")
+    assert reply.status == 422
+    assert reply.headers["X-Image-Error"].startswith(
+        "source is not an image in a format this server reads: ")
+
+
+def test_limits_formats_narrows_the_decoders(app, image_root, tmp_path):
+    only_jpeg = App(dynimg.load_config(write_config(str(tmp_path / "jpeg-only"), image_root,
+                                                    limits={"formats": "jpeg"})))
+    assert app.request("/photo-medium.png", "width=100").status == 200
+    refused = only_jpeg.request("/photo-medium.png", "width=100")
+    assert refused.status == 422
+    assert refused.headers["X-Image-Error"] == (
+        "source is not an image in a format this server reads: jpeg")
+    assert only_jpeg.request("/photo-medium-1.jpg", "width=100").status == 200
 
 
 @pytest.mark.parametrize("name", manifest_rows("bad"))

@@ -12,8 +12,8 @@ import time
 import pytest
 from PIL import Image
 
-from conftest import (IS_ROOT, PROJECT, VENV_BIN, free_port, http_request, shared_tempdir,
-                      stop, wait_for, writable_by_apache)
+from conftest import (IS_ROOT, PROJECT, VENV_BIN, ModWsgiExpress, free_port, http_request,
+                      shared_tempdir, stop, wait_for, write_config, writable_by_apache)
 
 
 def image_of(reply):
@@ -89,10 +89,29 @@ def test_etag_revalidation_gets_304(server):
     assert again.status == 304 and again.body == b""
 
 
-def test_health_answers_json_with_the_pillow_build(server):
-    health = json.loads(server.get("/images/_health").body)
+def test_health_answers_status_and_version_only_by_default(server):
+    reply = server.get("/images/_health")
+    assert reply.status == 200 and reply.headers["Cache-Control"] == "no-store"
+    health = json.loads(reply.body)
+    assert set(health) == {"status", "version"} and health["status"] == "ok"
+
+
+@pytest.fixture(scope="module")
+def detailed_server(image_root):
+    """A server whose /_health shows its details ([server] health_details = yes)."""
+    folder = shared_tempdir("dynimg-details-")
+    express = ModWsgiExpress(write_config(folder, image_root, server={"health_details": "yes"}),
+                             processes=1, threads=2)
+    yield express
+    express.stop()
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+def test_health_answers_json_with_the_pillow_build(detailed_server):
+    health = json.loads(detailed_server.get("/images/_health").body)
     assert health["pillow"]["version"]
     assert health["config"].endswith("dynimg.ini")
+    assert health["cache"]["max_bytes"] > 0
     record = os.path.join(os.path.dirname(VENV_BIN), "dynimg-build.json")
     if os.path.exists(record):
         with open(record) as file:

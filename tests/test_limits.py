@@ -1,0 +1,623 @@
+"""No single request takes a worker down: output never beyond the limits, only the
+allowed decoders, every render in a slot, remote fetches within a deadline, /_health
+in constant time, keys from the effective output, checksummed cache entries, one
+log line per request, and a hostile mix against the real server."""
+
+import concurrent.futures
+import http.server
+import io
+import json
+import os
+import shutil
+import threading
+import time
+import urllib.parse
+
+import pytest
+from hypothesis import given, settings, strategies as st
+from PIL import Image, ImageCms
+
+import dynimg
+from conftest import App, ModWsgiExpress, shared_tempdir, write_config
+from test_load import daemon_pids, peak_rss_mb
+
+#: The bound on a daemon process's peak RSS under the hostile mix (README, "Limits
+#: and safety", gives the measured figures).
+RSS_BOUND_MB = 300
+
+#: The most a request for a cached image may take while the server is attacked.
+HIT_BOUND_SECONDS = 1.0
+
+
+def poll(check, seconds=10, step=0.05):
+    """check()'s first true value within `seconds`, else its last value."""
+    deadline = time.monotonic() + seconds
+    while True:
+        value = check()
+        if value or time.monotonic() > deadline:
+            return value
+        time.sleep(step)
+
+
+# --- hostile files, made from corpus photos where the corpus has no such file ----------
+
+
+def fits_header(width, height):
+    """A FITS file's header block declaring an 8-bit width x height image."""
+    cards = [f"{'SIMPLE':8}= {'T':>20}", f"{'BITPIX':8}= {8:>20}", f"{'NAXIS':8}= {2:>20}",
+             f"{'NAXIS1':8}= {width:>20}", f"{'NAXIS2':8}= {height:>20}", "END"]
+    return "".join(card.ljust(80) for card in cards).ljust(2880).encode("ascii")
+
+
+@pytest.fixture(scope="module")
+def hostile_root(image_root, corpus):
+    """hostile/ under the image root: a 940x2 strip of a real photo, files in formats
+    outside the allow-list, a name with a space, and a loop of symbolic links."""
+    folder = os.path.join(image_root, "hostile")
+    os.makedirs(folder, exist_ok=True)
+    os.chmod(folder, 0o755)
+    with Image.open(os.path.join(corpus, "photo-medium-1.jpg")) as photo:
+        photo = photo.convert("RGB")
+    photo.resize((940, 400)).crop((0, 200, 940, 202)).save(os.path.join(folder, "strip.png"))
+    photo.save(os.path.join(folder, "photo.ppm"))
+    photo.save(os.path.join(folder, "photo.tga"))
+    photo.resize((64, 64)).save(os.path.join(folder, "photo.ico"))
+    with open(os.path.join(folder, "declares-10000x10000.fits"), "wb") as fits:
+        fits.write(fits_header(10000, 10000) + b"\0" * 2880)
+    shutil.copy(os.path.join(corpus, "photo-medium-1.jpg"), os.path.join(folder, "my photo.jpg"))
+    for name in os.listdir(folder):
+        os.chmod(os.path.join(folder, name), 0o644)
+    os.symlink("loop-b.jpg", os.path.join(folder, "loop-a.jpg"))
+    os.symlink("loop-a.jpg", os.path.join(folder, "loop-b.jpg"))
+    return image_root
+
+
+class Origin(http.server.ThreadingHTTPServer):
+    daemon_threads = True
+
+    def handle_error(self, request, client_address):
+        pass  # clients that give up are expected here
+
+
+def origin_handler(photo, fits):
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+        def do_GET(self):
+            if self.path == "/photo.jpg":
+                self.answer(photo)
+            elif self.path == "/image.fits":
+                self.answer(fits)
+            elif self.path == "/trickle-body":
+                self.send_response(200)
+                self.send_header("Content-Length", "100000")
+                self.end_headers()
+                self.trickle(b"\xff" * 200)
+            elif self.path == "/trickle-headers":
+                self.trickle(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\nX-Slow: " + b"a" * 200)
+
+        def trickle(self, data):
+            """A byte every 0.3 s, each within any read timeout; ends when the client goes."""
+            for byte in data:
+                try:
+                    self.wfile.write(bytes([byte]))
+                    self.wfile.flush()
+                except OSError:
+                    return
+                time.sleep(0.3)
+
+        def answer(self, body):
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+    return Handler
+
+
+@pytest.fixture(scope="module")
+def origin(corpus):
+    with open(os.path.join(corpus, "photo-medium-1.jpg"), "rb") as file:
+        server = Origin(("127.0.0.1", 0), origin_handler(file.read(), fits_header(16, 16)
+                                                         + b"\0" * 2880))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield server.server_address[1]
+    server.shutdown()
+    server.server_close()
+
+
+#: Remote sources for these tests: this machine's loopback origin only, and quick limits.
+REMOTE = {"allowed_hosts": "127.0.0.1", "allowed_networks": "127.0.0.0/8",
+          "connect_timeout": "1", "read_timeout": "1", "total_timeout": "2"}
+
+
+@pytest.fixture(scope="module")
+def hostile_server(hostile_root, origin):
+    """mod_wsgi-express with `make serve`'s processes and threads, but no cache in
+    front: every answer, cached ones included, comes from dynimg itself."""
+    folder = shared_tempdir("dynimg-hostile-")
+    server = None
+    try:
+        server = ModWsgiExpress(write_config(folder, hostile_root, remote=REMOTE,
+                                             server={"health_details": "yes"}))
+        yield server
+    finally:
+        if server:
+            server.stop()
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+@pytest.fixture
+def hostile_app(hostile_root, tmp_path):
+    def make(**sections):
+        sections.setdefault("remote", REMOTE)
+        return App(dynimg.load_config(write_config(str(tmp_path), hostile_root, **sections)))
+    return make
+
+
+def image_size(reply):
+    return tuple(int(side) for side in reply.headers["X-Image-Size"].split("x"))
+
+
+def remote_query(origin, path, query="width=100"):
+    url = urllib.parse.quote(f"http://127.0.0.1:{origin}{path}", safe="")
+    return f"/images/?url={url}&{query}"
+
+
+# --- 1. output never beyond max_width x max_height ------------------------------------
+
+
+@pytest.mark.parametrize("path", [
+    "/images/hostile/strip.png?width=4000&height=4000&fit=cover&upscale=1",
+    "/images/hostile/strip.png?height=1000&upscale=1",
+    "/images/hostile/strip.png?width=4000&height=4000&fit=pad&upscale=1",
+    "/images/photo-large-portrait.jpg?width=4000&upscale=1",
+    "/images/panorama.tif?height=4000&upscale=1",
+    "/images/photo-large-1.jpg",
+])
+def test_no_output_is_larger_than_the_limits_over_http(hostile_server, path):
+    daemons = daemon_pids(hostile_server.port)
+    reply = hostile_server.get(path)
+    assert reply.status == 200
+    width, height = image_size(reply)
+    assert width <= 4000 and height <= 4000
+    assert reply.image().size == (width, height)
+    assert daemon_pids(hostile_server.port) == daemons
+
+
+def test_cover_of_a_strip_keeps_the_box_and_shows_a_part(hostile_app):
+    app = hostile_app()
+    reply = app.request("/hostile/strip.png", "width=4000&height=4000&fit=cover&upscale=1")
+    assert reply.status == 200 and reply.image().size == (4000, 4000)
+    spec = dynimg.parse_spec(dynimg.Request(path="/x.png", query="w=4000&h=4000&fit=cover"
+                                            "&upscale=1"), app.config)
+    plan = dynimg.plan_output(dynimg.Facts((940, 2), False), spec, app.config)
+    assert plan.size == (4000, 4000)
+    left, top, right, bottom = plan.region
+    assert 0 <= left < right <= 940 and 0 <= top < bottom <= 2 and right - left == 2
+
+
+SIDES = st.integers(1, 100000)
+
+
+@settings(max_examples=400, deadline=None)
+@given(source=st.tuples(SIDES, SIDES).filter(lambda size: size[0] * size[1] <= 10 ** 8),
+       width=st.one_of(st.none(), st.integers(1, 4000)),
+       height=st.one_of(st.none(), st.integers(1, 4000)),
+       fit=st.sampled_from(sorted(dynimg.FITS)), upscale=st.booleans(),
+       gravity=st.sampled_from(sorted(dynimg.GRAVITIES)), dpr=st.sampled_from(["1", "2.5", "4"]))
+def test_every_plan_stays_within_the_limits_and_the_source(config, source, width, height, fit,
+                                                           upscale, gravity, dpr):
+    query = {"fit": fit, "upscale": str(int(upscale)), "gravity": gravity, "dpr": dpr}
+    query.update({"width": width} if width else {})
+    query.update({"height": height} if height else {})
+    spec = dynimg.parse_spec(dynimg.Request(path="/x.jpg", query=urllib.parse.urlencode(query)),
+                             config)
+    plan = dynimg.plan_output(dynimg.Facts(source, False), spec, config)
+    for size in (plan.size, plan.canvas):
+        assert 1 <= size[0] <= config.max_width and 1 <= size[1] <= config.max_height
+    left, top, right, bottom = plan.region
+    assert -1e-6 <= left < right <= source[0] + 1e-6 and -1e-6 <= top < bottom <= source[1] + 1e-6
+
+
+# --- 2. only the allowed decoders -------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["hostile/declares-10000x10000.fits", "hostile/photo.ppm",
+                                  "hostile/photo.tga", "hostile/photo.ico"])
+def test_formats_outside_the_allow_list_are_422_over_http(hostile_server, name):
+    reply = hostile_server.get(f"/images/{urllib.parse.quote(name)}?width=100")
+    assert reply.status == 422
+    assert "not an image in a format this server reads" in reply.headers["X-Image-Error"]
+    assert reply.headers["Content-Type"].startswith("image/")
+
+
+def test_a_remote_fits_file_is_422(hostile_server, origin):
+    reply = hostile_server.get(remote_query(origin, "/image.fits"))
+    assert reply.status == 422
+    assert "format this server reads" in reply.headers["X-Image-Error"]
+
+
+def test_the_formats_key_narrows_what_is_decoded(hostile_app):
+    app = hostile_app(limits={"formats": "jpeg"})
+    assert app.request("/photo-medium-1.jpg", "width=50").status == 200
+    refused = app.request("/photo-medium.png", "width=50")
+    assert refused.status == 422 and refused.headers["X-Image-Error"].endswith("reads: jpeg")
+
+
+def test_an_unknown_format_name_stops_start_up(hostile_root, tmp_path):
+    path = write_config(str(tmp_path), hostile_root, limits={"formats": "jpeg fits"})
+    with pytest.raises(dynimg.ConfigError, match=r"\[limits\] formats"):
+        dynimg.load_config(path)
+
+
+# --- 3. every render in a slot; error pictures cached -----------------------------------
+
+
+def test_error_pictures_and_demo_tiles_wait_for_a_slot_and_are_cached(hostile_app):
+    app = hostile_app(limits={"max_concurrent_renders": "1", "queue_timeout": "0.2"})
+    slots = app.dynimg.slots.semaphore
+    assert slots.acquire(timeout=1)  # every slot taken
+    try:
+        busy_404 = app.request("/nothing.jpg", "width=333&format=png")
+        busy_422 = app.request("/not-image.jpg", "width=333")
+        busy_demo = app.request("/_demo", "name=photo-medium-1.jpg&width=200")
+    finally:
+        slots.release()
+    for reply in (busy_404, busy_422, busy_demo):
+        assert reply.status == 503 and reply.headers["Retry-After"]
+        assert reply.headers["Cache-Control"] == "no-store"
+    first = app.request("/nothing.jpg", "width=333&format=png")
+    demo = app.request("/_demo", "name=photo-medium-1.jpg&width=200")
+    assert first.status == 404 and first.image().size[0] == 333 and demo.status == 200
+    assert slots.acquire(timeout=1)
+    try:  # now cached: no slot needed
+        again = app.request("/nothing.jpg", "width=333&format=png")
+        demo_again = app.request("/_demo", "name=photo-medium-1.jpg&width=200")
+        other_name = app.request("/also-missing.jpg", "width=333&format=png")
+    finally:
+        slots.release()
+    assert again.status == 404 and again.body == first.body
+    assert demo_again.status == 200 and demo_again.body == demo.body
+    assert other_name.status == 404 and other_name.body == first.body
+    assert app.dynimg.cache.counts["misses"] == 1 + 6  # the picture, the demo's six tiles
+
+
+def test_a_render_that_finds_the_queue_full_is_turned_away_at_once(hostile_app):
+    app = hostile_app(limits={"max_concurrent_renders": "1", "max_waiting_renders": "0",
+                              "queue_timeout": "30"})
+    assert app.request("/photo-medium-1.jpg", "width=90").status == 200  # cached now
+    slots = app.dynimg.slots.semaphore
+    assert slots.acquire(timeout=1)
+    try:
+        started = time.monotonic()
+        busy = app.request("/photo-medium-1.jpg", "width=91")
+        waited = time.monotonic() - started
+        hit = app.request("/photo-medium-1.jpg", "width=90")
+    finally:
+        slots.release()
+    assert busy.status == 503 and waited < 5  # not the 30 s queue_timeout
+    assert hit.status == 200
+
+
+# --- 4. remote fetches within total_timeout -----------------------------------------------
+
+
+@pytest.mark.parametrize("path", ["/trickle-body", "/trickle-headers"])
+def test_a_trickling_origin_is_cut_off_at_total_timeout(hostile_server, origin, path):
+    total = float(REMOTE["total_timeout"])
+    image = "/images/photo-medium-1.jpg?width=64&dpr=1.5"
+    assert hostile_server.get(image).status == 200
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        started = time.monotonic()
+        slow = [pool.submit(hostile_server.get, remote_query(origin, path, f"width={100 + n}"))
+                for n in range(8)]
+        image_reply = hostile_server.get(image)
+        image_seconds = time.monotonic() - started
+        replies = [future.result() for future in slow]
+        elapsed = time.monotonic() - started
+    assert [reply.status for reply in replies] == [504] * 8
+    assert all(reply.headers["Cache-Control"] == "no-store" for reply in replies)
+    # eight at once, all the daemons' threads, each cut off at the deadline (their
+    # origin would take a minute): then the threads serve again
+    assert elapsed < total + 4
+    assert image_reply.status == 200 and image_seconds < total + 4
+
+
+# --- 5. /_health in constant time; trimming removes empty folders -------------------------
+
+
+def test_health_never_walks_the_cache(hostile_app, monkeypatch):
+    app = hostile_app(server={"health_details": "yes"})
+    assert app.request("/photo-medium-1.jpg", "width=80").status == 200
+    app.dynimg.cache.prune()
+
+    def no_walking(*args, **kwargs):
+        raise AssertionError("/_health walked the disk")
+    monkeypatch.setattr(dynimg.os, "walk", no_walking)
+    monkeypatch.setattr(dynimg.os, "listdir", no_walking)
+    monkeypatch.setattr(dynimg.os, "scandir", no_walking)
+    health = json.loads(app.request("/_health").body)
+    assert health["cache"]["entries_at_last_trim"] == 1
+    assert health["cache"]["bytes_at_last_trim"] >= dynimg.DISK_BLOCK
+    assert health["cache"]["misses"] == 1
+
+
+def test_trimming_removes_empty_fan_out_folders(hostile_app):
+    app = hostile_app(cache={"cache_max_mb": "1"})
+    for width in range(40, 60):
+        assert app.request("/photo-medium-1.jpg", f"width={width}").status == 200
+    cache = app.dynimg.cache
+    cache.max_bytes = 0  # trim everything
+    cache.prune()
+    left = [folder for folder, subfolders, names in os.walk(cache.folder)
+            if folder != cache.folder and ".locks" not in folder]
+    assert left == []
+    assert app.request("/photo-medium-1.jpg", "width=40").status == 200  # writes again
+
+
+# --- 6. keys from the effective output; the bound counts blocks --------------------------
+
+
+@pytest.mark.parametrize("name, first, second", [
+    ("photo-medium-1.jpg", "width=300", "width=300&bg=000000"),
+    ("photo-medium-1.jpg", "width=300", "width=300&upscale=1"),
+    ("photo-medium-1.jpg", "width=300", "width=300&height=4000"),
+    ("photo-medium-1.jpg", "width=300", "width=300&gravity=north"),
+    ("photo-medium-1.jpg", "width=300&height=200&fit=cover", "width=300&height=200&fit=cover"
+                                                             "&gravity=center"),
+    ("photo-medium-1.jpg", "width=300&format=png", "width=300&format=png&q=20"),
+    ("photo-medium-1.jpg", "", "width=4000"),
+])
+def test_parameters_that_change_nothing_make_no_new_key(app, name, first, second):
+    one, two = app.request("/" + name, first), app.request("/" + name, second)
+    assert one.status == two.status == 200
+    assert one.headers["X-Image-Key"] == two.headers["X-Image-Key"]
+    assert one.body == two.body
+
+
+@pytest.mark.parametrize("name, first, second", [
+    ("png-alpha.png", "width=200", "width=200&bg=000000"),
+    ("photo-medium-1.jpg", "width=300&height=300&fit=pad", "width=300&height=300&fit=pad&bg=000"),
+    ("photo-medium-1.jpg", "width=300&height=300&fit=cover", "width=300&height=300&fit=cover"
+                                                             "&gravity=west"),
+    ("photo-medium-1.jpg", "width=1600&upscale=1", "width=1600"),
+])
+def test_parameters_that_change_the_output_make_a_new_key(app, name, first, second):
+    one, two = app.request("/" + name, first), app.request("/" + name, second)
+    assert one.headers["X-Image-Key"] != two.headers["X-Image-Key"]
+    assert one.body != two.body
+
+
+def test_the_cache_bound_counts_disk_blocks(hostile_app):
+    app = hostile_app(cache={"cache_max_mb": "1"})
+    for width in range(1, 301):  # tiny answers: a few hundred bytes, a 4 KiB block each
+        assert app.request("/photo-medium-1.jpg", f"width={width}&height=3").status == 200
+    cache = app.dynimg.cache
+    cache.prune()
+    on_disk = sum(stat.st_blocks * 512 for _, entry, stat in cache.entries() if entry)
+    lengths = sum(entry.length for _, entry, _ in cache.entries() if entry)
+    assert on_disk <= cache.max_bytes * dynimg.PRUNE_TO < 300 * dynimg.DISK_BLOCK
+    assert lengths < on_disk / 4  # counting lengths would have kept them all
+
+
+# --- 8. no 500 from odd names; 5xx never stored --------------------------------------------
+
+
+@pytest.mark.parametrize("path, statuses", [
+    # Apache itself refuses a path part over 255 bytes (403) before dynimg sees it
+    ("/images/" + "a" * 256 + ".jpg?width=50", {400, 403}),
+    ("/images/?name=" + "a" * 256 + ".jpg&width=50", {400}),
+    ("/images/?name=" + "a/" * 600 + "x.jpg&width=50", {400}),
+    ("/images/hostile/loop-a.jpg?width=50", {404}),
+    ("/images/?name=hostile/loop-a.jpg/x.jpg&width=50", {404}),
+])
+def test_long_names_and_link_loops_are_4xx_over_http(hostile_server, path, statuses):
+    reply = hostile_server.get(path)
+    assert reply.status in statuses
+
+
+def test_5xx_answers_are_never_stored_by_shared_caches(hostile_app, monkeypatch, origin):
+    app = hostile_app()
+    with monkeypatch.context() as patch:
+        patch.setattr(dynimg, "PIPELINE", (lambda image, job: 1 / 0,))
+        patch.setattr(dynimg.log, "disabled", True)
+        bug = app.request("/photo-medium-1.jpg", "width=77")
+    gateway = app.request("/", f"url={urllib.parse.quote(f'http://127.0.0.1:1/x.jpg')}&w=77")
+    for reply, status in ((bug, 500), (gateway, 502)):
+        assert reply.status == status
+        assert reply.headers["Cache-Control"] == "no-store"
+    assert app.request("/nothing.jpg", "width=77").headers["Cache-Control"].startswith("public")
+
+
+# --- 9. request text cannot forge a log line ------------------------------------------------
+
+
+def test_request_text_cannot_forge_a_log_line(hostile_server):
+    reply = hostile_server.get("/images/x%0d%0aFORGED%20dynimg:%20line.jpg?width=1%0A2")
+    assert reply.status in (400, 404)
+    logged = poll(lambda: [line for line in hostile_server.log().splitlines()
+                           if "FORGED" in line])
+    assert logged and all("\\r\\nFORGED" in line for line in logged)
+    assert not any(line.startswith("FORGED") for line in hostile_server.log().splitlines())
+
+
+def test_the_log_formatter_escapes_every_control_character():
+    formatter = dynimg.OneLineFormatter("%(message)s")
+    record = dynimg.logging.LogRecord("dynimg", 20, __file__, 1, "GET %s",
+                                      ("a\nb\rc\x1bd\u2028e",), None)
+    assert formatter.format(record) == "GET a\\nb\\rc\\x1bd\\u2028e"
+
+
+# --- 10. remote addresses: globally reachable only --------------------------------------------
+
+
+@pytest.mark.parametrize("address, allowed", [
+    ("8.8.8.8", True), ("2001:4860:4860::8888", True),
+    ("100.100.100.200", False), ("fec0::1", False), ("10.0.0.1", False), ("127.0.0.1", False),
+    ("169.254.169.254", False), ("::ffff:127.0.0.1", False), ("::ffff:8.8.8.8", True),
+    ("64:ff9b::7f00:1", False), ("2002:7f00:1::1", False), ("fe80::1%eth0", False),
+    ("224.0.0.1", False), ("ff0e::1", False), ("192.0.2.1", False), ("0.0.0.0", False),
+])
+def test_only_globally_reachable_addresses_are_fetched(address, allowed):
+    assert dynimg.is_public_address(address) is allowed
+
+
+# --- 11. PNG within the budget; a render's search stops at its deadline ----------------------
+
+
+def test_png_for_a_slow_client_fits_its_budget_over_http(hostile_server):
+    reply = hostile_server.get("/images/photo-large-1.jpg?width=4000&height=4000&format=png"
+                               "&bandwidth=2g")
+    assert reply.status == 200 and reply.headers["Content-Type"] == "image/png"
+    assert len(reply.body) <= 16000
+    assert reply.image().format == "PNG"
+
+
+def test_the_budget_search_stops_at_the_render_deadline(config, corpus, monkeypatch):
+    with Image.open(os.path.join(corpus, "photo-large-2.jpg")) as photo:
+        photo.draft("RGB", (1200, 1200))
+        image = photo.convert("RGB")
+    spec = dynimg.parse_spec(dynimg.Request(path="/x.jpg", query="format=png&bandwidth=2g"),
+                             config)
+    plan = dynimg.plan_output(dynimg.Facts(image.size, False), spec, config)
+    encodes = []
+    save = dynimg._save
+    monkeypatch.setattr(dynimg, "_save", lambda *args: encodes.append(1) or save(*args))
+    monkeypatch.setattr(dynimg.log, "disabled", True)
+    facts = dynimg.Facts(image.size, False)
+    late = dynimg.Job(spec, facts, plan, dynimg.LRU(1), deadline=time.monotonic() - 1)
+    data, _, _ = dynimg.encode(image.copy(), late, None)
+    assert len(encodes) == 2 and len(data) > spec.max_bytes  # first try and palette only
+    encodes.clear()
+    in_time = dynimg.Job(spec, facts, plan, dynimg.LRU(1), deadline=time.monotonic() + 60)
+    data, _, _ = dynimg.encode(image.copy(), in_time, None)
+    assert len(encodes) > 2 and len(data) <= spec.max_bytes
+
+
+# --- 12. damaged cache entries and ICC transforms -----------------------------------------------
+
+
+def test_a_cache_entry_with_a_damaged_middle_is_rendered_again(app):
+    first = app.request("/photo-medium-1.jpg", "width=240")
+    entry, file = app.dynimg.cache.lookup(first.headers["X-Image-Key"])
+    path = file.name
+    file.close()
+    with open(path, "r+b") as damaged:
+        damaged.seek(entry.length // 3)
+        damaged.write(b"\0" * (entry.length // 3))
+    assert os.path.getsize(path) == entry.length
+    again = app.request("/photo-medium-1.jpg", "width=240")
+    assert "cache;desc=hit" not in again.headers["Server-Timing"]
+    assert again.body == first.body and app.dynimg.cache.counts["damaged"] == 1
+    assert app.request("/photo-medium-1.jpg", "width=240").headers["Server-Timing"] \
+        == dynimg.CACHE_HIT_TIMING
+
+
+def test_icc_transforms_are_kept_in_a_bounded_lru(hostile_app, hostile_root, corpus):
+    with Image.open(os.path.join(corpus, "icc-adobergb.jpg")) as photo:
+        profile = bytearray(photo.info["icc_profile"])
+        small = photo.resize((64, 34))
+    folder = os.path.join(hostile_root, "profiles")
+    os.makedirs(folder, exist_ok=True)
+    for number in range(dynimg.TRANSFORM_CACHE_SIZE + 20):
+        profile[24:36] = number.to_bytes(12, "big")  # the creation date: a new profile
+        small.save(os.path.join(folder, f"{number}.jpg"), icc_profile=bytes(profile))
+    app = hostile_app()
+    for number in range(dynimg.TRANSFORM_CACHE_SIZE + 20):
+        assert app.request(f"/profiles/{number}.jpg", "width=32").status == 200
+    assert len(app.dynimg.transforms) == dynimg.TRANSFORM_CACHE_SIZE
+    ImageCms.ImageCmsProfile(io.BytesIO(bytes(profile)))  # the last one was a usable profile
+
+
+# --- 13. /_health shows no paths unless asked ----------------------------------------------------
+
+
+def test_health_shows_status_and_version_only_by_default(hostile_app):
+    health = json.loads(hostile_app().request("/_health").body)
+    assert health == {"status": "ok", "version": dynimg.VERSION}
+    detailed = json.loads(hostile_app(server={"health_details": "yes"}).request("/_health").body)
+    assert detailed["image_root"] and detailed["pillow"]["version"] and "cache" in detailed
+
+
+# --- 14. the demo takes names as image URLs do ------------------------------------------------
+
+
+def test_the_demo_takes_a_name_with_a_space(hostile_app):
+    app = hostile_app()
+    assert app.request("/hostile/my photo.jpg", "width=100").status == 200
+    demo = app.request("/_demo", "name=hostile%2Fmy%20photo.jpg&width=100")
+    assert demo.status == 200
+    assert "/images/hostile/my%20photo.jpg?bandwidth=2g" in demo.text
+
+
+# --- the hostile mix --------------------------------------------------------------------------
+
+
+def hostile_requests(origin, seconds):
+    """(path, statuses it may get) for about `seconds` of attack, as varied as it comes."""
+    number = 0
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        number += 1
+        yield from [
+            (f"/images/hostile/strip.png?width=4000&height={3000 + number}&fit=cover&upscale=1",
+             {200, 503}),
+            (f"/images/photo-large-portrait.jpg?width={3000 + number}&upscale=1", {200, 503}),
+            (f"/images/missing-{number}.jpg?width=4000&height={3900 + number % 100}&format=png",
+             {404, 503}),
+            (f"/images/_demo?name=photo-large-3.jpg&width={3000 + number}", {200, 503}),
+            (remote_query(origin, "/trickle-body", f"width={number}"), {504, 503}),
+            ("/images/hostile/declares-10000x10000.fits?width=4000", {422, 503}),
+        ]
+
+
+def test_a_hostile_mix_kills_no_daemon_and_never_stalls_a_cached_image(hostile_server, origin):
+    port = hostile_server.port
+    cached = "/images/photo-medium-2.jpg?width=320"
+    assert hostile_server.get(cached).status == 200
+    daemons = daemon_pids(port)
+    assert len(daemons) == 2
+    stop = threading.Event()
+    hit_seconds = []
+
+    def probe():
+        while not stop.is_set():
+            started = time.monotonic()
+            reply = hostile_server.get(cached, timeout=30)
+            hit_seconds.append(time.monotonic() - started)
+            assert reply.status == 200
+            stop.wait(0.2)
+
+    def attack(requests):
+        unexpected = []
+        for path, statuses in requests:
+            status = hostile_server.get(path, timeout=60).status
+            if status not in statuses:
+                unexpected.append((path, status))
+        return unexpected
+
+    requests = hostile_requests(origin, seconds=20)
+    lock = threading.Lock()
+
+    def next_requests():
+        while True:
+            with lock:
+                item = next(requests, None)
+            if item is None:
+                return
+            yield item
+
+    with concurrent.futures.ThreadPoolExecutor(13) as pool:
+        prober = pool.submit(probe)
+        attackers = [pool.submit(attack, next_requests()) for _ in range(12)]
+        unexpected = [item for attacker in attackers for item in attacker.result()]
+        stop.set()
+        prober.result()
+    assert unexpected == []
+    assert daemon_pids(port) == daemons  # none killed, none replaced
+    peaks = [peak_rss_mb(pid) for pid in daemons]
+    print(f"hostile mix: peak RSS {peaks} MB, slowest cached answer {max(hit_seconds):.2f} s "
+          f"of {len(hit_seconds)}")
+    assert max(peaks) < RSS_BOUND_MB
+    assert max(hit_seconds) < HIT_BOUND_SECONDS
