@@ -3,6 +3,7 @@ allowed decoders, every render in a slot, remote fetches within a deadline, /_he
 in constant time, keys from the effective output, checksummed cache entries, one
 log line per request, and a hostile mix against the real server."""
 
+import collections
 import concurrent.futures
 import http.server
 import io
@@ -590,12 +591,10 @@ def test_a_hostile_mix_kills_no_daemon_and_never_stalls_a_cached_image(hostile_s
             stop.wait(0.2)
 
     def attack(requests):
-        unexpected = []
+        answers = []
         for path, statuses in requests:
-            status = hostile_server.get(path, timeout=60).status
-            if status not in statuses:
-                unexpected.append((path, status))
-        return unexpected
+            answers.append((path, hostile_server.get(path, timeout=60).status, statuses))
+        return answers
 
     requests = hostile_requests(origin, seconds=20)
     lock = threading.Lock()
@@ -611,13 +610,15 @@ def test_a_hostile_mix_kills_no_daemon_and_never_stalls_a_cached_image(hostile_s
     with concurrent.futures.ThreadPoolExecutor(13) as pool:
         prober = pool.submit(probe)
         attackers = [pool.submit(attack, next_requests()) for _ in range(12)]
-        unexpected = [item for attacker in attackers for item in attacker.result()]
+        answers = [answer for attacker in attackers for answer in attacker.result()]
         stop.set()
         prober.result()
-    assert unexpected == []
+    assert [(path, status) for path, status, statuses in answers if status not in statuses] == []
     assert daemon_pids(port) == daemons  # none killed, none replaced
     peaks = [peak_rss_mb(pid) for pid in daemons]
-    print(f"hostile mix: peak RSS {peaks} MB, slowest cached answer {max(hit_seconds):.2f} s "
+    print(f"hostile mix: {len(answers)} requests, statuses "
+          f"{sorted(collections.Counter(status for _, status, _ in answers).items())}, "
+          f"peak RSS {peaks} MB, slowest cached answer {max(hit_seconds):.2f} s "
           f"of {len(hit_seconds)}")
     assert max(peaks) < RSS_BOUND_MB
     assert max(hit_seconds) < HIT_BOUND_SECONDS
