@@ -2,12 +2,14 @@
 mod_wsgi-express with the file included, on 127.0.0.1."""
 
 import os
+import re
 import shutil
+import subprocess
 import time
 
 import pytest
 
-from conftest import ModWsgiExpress, shared_tempdir, write_config
+from conftest import PROJECT, ModWsgiExpress, shared_tempdir, write_config
 
 #: Seconds shared caches keep a response before asking dynimg again (short, for the test).
 FRESH = 2
@@ -152,3 +154,44 @@ def test_apache_served_hits_keep_their_bodies_whole(front, image_root):
     stored = [os.path.join(folder, name) for folder, _, names in os.walk(front.cache_root)
               for name in names if name.endswith(".data")]
     assert len(stored) >= 3
+
+
+def makefile_htcacheclean_minutes():
+    """The interval `make serve` runs htcacheclean with (its -d, in minutes)."""
+    with open(os.path.join(PROJECT, "Makefile")) as makefile:
+        return int(re.search(r"htcacheclean -d(\d+) ", makefile.read())[1])
+
+
+def cache_bytes(folder):
+    return sum(os.path.getsize(os.path.join(path, name))
+               for path, _, names in os.walk(folder) for name in names)
+
+
+def test_the_front_cache_is_back_within_its_bound_within_a_minute(image_root):
+    """htcacheclean as `make serve` runs it, on a server filling its cache past the bound."""
+    folder = shared_tempdir("dynimg-trim-")
+    server = cleaner = None
+    try:
+        server = ModWsgiExpress(write_config(folder, image_root), front_cache=True)
+        limit = 300 * 1024
+        cleaner = subprocess.Popen(["htcacheclean", f"-d{makefile_htcacheclean_minutes()}",
+                                    "-n", "-t", "-p", server.cache_root, "-l", f"{limit}B"])
+        time.sleep(2)  # past its first run, which finds the cache empty
+        for width in range(600, 640):
+            assert server.get(f"/images/photo-medium-1.jpg?width={width}").status == 200
+        filled = cache_bytes(server.cache_root)
+        assert filled > 2 * limit
+        started = time.monotonic()
+        while cache_bytes(server.cache_root) > limit and time.monotonic() - started < 75:
+            time.sleep(1)
+        trimmed = cache_bytes(server.cache_root)
+        print(f"\nfront cache: {filled} bytes, {trimmed} bytes "
+              f"{time.monotonic() - started:.0f} s later (bound {limit})")
+        assert trimmed <= limit
+    finally:
+        if cleaner:
+            cleaner.terminate()
+            cleaner.wait(10)
+        if server:
+            server.stop()
+        shutil.rmtree(folder, ignore_errors=True)
