@@ -213,6 +213,13 @@ QUALITY_CURVES = {
 #: fixed quality (1.27-1.9 on the corpus photos, median 1.5); each step refines it.
 BYTES_BY_SCALE_EXPONENT = 1.5
 
+#: What opening a source may read before its pixel data: every corpus file needs
+#: at most 53 reads and 43 kB. Past these, the header is a 422: a header stuffed
+#: with empty segments, chunks, comment blocks or strip offsets cannot make the
+#: parse slow or large (4 MB of them took 1 s and +137 MB before).
+MAX_HEADER_READS = 1024
+MAX_HEADER_BYTES = 4 * 1024 * 1024
+
 #: Colour transforms an app keeps (one per embedded ICC profile), least recently
 #: used dropped first: hostile files with ever new profiles cannot grow memory.
 TRANSFORM_CACHE_SIZE = 64
@@ -489,7 +496,7 @@ def load_config(path=None):
         max_render_seconds=read.number("limits", "max_render_seconds", 0.1, 600),
         allowed_widths=read.numbers("limits", "allowed_widths", int, empty=True),
         max_concurrent_renders=(read.integer("limits", "max_concurrent_renders", 0, 1024)
-                                or os.cpu_count() or 2),
+                                or len(os.sched_getaffinity(0)) or 2),
         max_waiting_renders=read.integer("limits", "max_waiting_renders", 0, 1024),
         queue_timeout=read.number("limits", "queue_timeout", 0, 600),
         downlink_classes=read.downlink_classes(),
@@ -629,8 +636,9 @@ class _ConfigReader:
         return profiles
 
 
-#: What may not stand in a log line as it is: C0 and C1 controls, Unicode line breaks.
-_CONTROL_CHARACTERS = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+#: What may not stand in a log line as it is: C0 and C1 controls, Unicode line
+#: breaks, and the surrogates that stand for a path's bytes that were not UTF-8.
+_CONTROL_CHARACTERS = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\ud800-\udfff]")
 
 
 class OneLineFormatter(logging.Formatter):
@@ -646,8 +654,8 @@ class OneLineFormatter(logging.Formatter):
 
 def configure_logging(config):
     """Send the 'dynimg' logger to the INI's log file (or stderr) at its level."""
-    handler = (logging.FileHandler(config.log_file) if config.log_file
-               else logging.StreamHandler(sys.stderr))
+    handler = (logging.FileHandler(config.log_file, encoding="utf-8", errors="backslashreplace")
+               if config.log_file else logging.StreamHandler(sys.stderr))
     handler.setFormatter(OneLineFormatter(
         "%(asctime)s %(process)d %(levelname)s %(name)s: %(message)s"))
     for old in list(log.handlers):
@@ -1124,17 +1132,20 @@ def is_public_address(address, allowed_networks=()):
     return address.is_global and not (address.is_multicast or site_local)
 
 
-#: NAT64's well-known prefix: the last 32 bits are an IPv4 address a gateway reaches.
-_NAT64 = ipaddress.ip_network("64:ff9b::/96")
+#: IPv6 prefixes whose last 32 bits are an IPv4 address: NAT64's well-known
+#: prefix (a gateway reaches it), IPv4-translated and the old IPv4-compatible form.
+_EMBEDDING_IPV4 = tuple(ipaddress.ip_network(prefix)
+                        for prefix in ("64:ff9b::/96", "::ffff:0:0:0/96", "::/96"))
 
 
 def _embedded_ipv4(address):
-    """The IPv4 address an IPv6 one stands for (mapped, 6to4, NAT64), else itself."""
+    """The IPv4 address an IPv6 one stands for (mapped, 6to4, NAT64, translated,
+    compatible), else itself."""
     if address.version == 4:
         return address
     if address.ipv4_mapped or address.sixtofour:
         return address.ipv4_mapped or address.sixtofour
-    if address in _NAT64:
+    if any(address in prefix for prefix in _EMBEDDING_IPV4):
         return ipaddress.IPv4Address(int(address) & 0xFFFFFFFF)
     return address
 
@@ -1232,8 +1243,7 @@ def stat_source(spec, config):
         raise NotFound("no such image", f"{spec.name!r}: {error.strerror}") from None
     if not os.path.stat.S_ISREG(stat.st_mode):
         raise NotFound("no such image", f"{spec.name!r} is not a regular file")
-    relative = os.path.relpath(path, config.image_root)
-    return Source(path, (relative, stat.st_size, stat.st_mtime_ns), stat.st_mtime)
+    return file_source(path, os.path.relpath(path, config.image_root), stat)
 
 
 def open_source(spec, config):
@@ -1242,12 +1252,15 @@ def open_source(spec, config):
         source = stat_source(spec, config)
         return dataclasses.replace(source, data=fetch_remote(spec.url, config))
     path = confine(config.image_root, spec.name)
-    source = read_file_source(path, config)
-    relative = os.path.relpath(path, config.image_root)
-    return dataclasses.replace(source, identity=(relative,) + source.identity[1:])
+    return read_file_source(path, os.path.relpath(path, config.image_root), config)
 
 
-def read_file_source(path, config):
+def file_source(path, name, stat, data=b""):
+    """A file as a Source: its identity is the name it goes by, its size and mtime."""
+    return Source(path, (name, stat.st_size, stat.st_mtime_ns), stat.st_mtime, data)
+
+
+def read_file_source(path, name, config):
     """A file read whole, its identity from the fstat of the open file (so it matches
     the bytes read); NotFound for anything that is not a readable regular file."""
     try:
@@ -1262,7 +1275,7 @@ def read_file_source(path, config):
         raise NotFound("no such image", f"{path!r}: {error.strerror}") from None
     if len(data) > config.max_source_bytes:
         raise Unprocessable("source is larger than max_source_bytes")
-    return Source(path, (path, stat.st_size, stat.st_mtime_ns), stat.st_mtime, data)
+    return file_source(path, name, stat, data)
 
 
 def fetch_remote(url, config):
@@ -1356,27 +1369,33 @@ class _PinnedConnection(http.client.HTTPConnection):
         super().__init__(parts.hostname, port, timeout=config.read_timeout)
         self.address, self.tls = address, parts.scheme == "https"
         self.connect_timeout, self.deadline = config.connect_timeout, deadline
-        self.expired, self.timer = False, None
+        self.expired, self.timer, self.socket = False, None, None
 
     def connect(self):
         remaining = self.deadline - time.monotonic()
         if remaining <= 0:
             self.expired = True
             raise TimeoutError("total_timeout reached")
-        self.sock = socket.create_connection((self.address, self.port),
-                                             min(self.connect_timeout, remaining))
-        self.sock.settimeout(self.timeout)
-        self.timer = threading.Timer(self.deadline - time.monotonic(), self._expire, (self.sock,))
+        sock = socket.create_connection((self.address, self.port),
+                                        min(self.connect_timeout, remaining))
+        sock.settimeout(self.timeout)
+        if self.tls:
+            # wrapped before the handshake, so the timer can shut the socket the
+            # handshake reads from (wrapping takes the plain socket's descriptor)
+            sock = ssl.create_default_context().wrap_socket(
+                sock, server_hostname=self.host, do_handshake_on_connect=False)
+        # kept here too: http.client drops self.sock once a response owns it
+        self.sock = self.socket = sock
+        self.timer = threading.Timer(self.deadline - time.monotonic(), self._expire)
         self.timer.daemon = True
         self.timer.start()
         if self.tls:
-            context = ssl.create_default_context()
-            self.sock = context.wrap_socket(self.sock, server_hostname=self.host)
+            sock.do_handshake()
 
-    def _expire(self, sock):
+    def _expire(self):
         self.expired = True
         try:
-            sock.shutdown(socket.SHUT_RDWR)  # wakes a blocked read, which then ends
+            self.socket.shutdown(socket.SHUT_RDWR)  # wakes a blocked read, which then ends
         except OSError:
             pass  # closed already
 
@@ -1447,17 +1466,44 @@ class LRU:
         return len(self.items)
 
 
+class _HeaderBudget:
+    """A source as Pillow's open() reads it: at most MAX_HEADER_READS reads and
+    MAX_HEADER_BYTES bytes until `spent()` is called, once the header is parsed. A
+    read of the whole rest is not header parsing (the WebP and AVIF decoders take
+    the file at once), so it is not counted."""
+
+    def __init__(self, file):
+        self.file, self.reads, self.bytes, self.counting = file, 0, 0, True
+
+    def read(self, size=-1):
+        data = self.file.read(size)
+        if self.counting and size is not None and size >= 0:
+            self.reads, self.bytes = self.reads + 1, self.bytes + len(data)
+            if self.reads > MAX_HEADER_READS or self.bytes > MAX_HEADER_BYTES:
+                raise Unprocessable("source has an oversized header",
+                                    f"header past {self.reads} reads, {self.bytes} bytes")
+        return data
+
+    def spent(self):
+        self.counting = False
+
+    def __getattr__(self, name):
+        return getattr(self.file, name)
+
+
 def open_image(file, config):
-    """Open (lazily) with the allowed decoders only, and check the pixel count
-    before any pixel is decoded. `file` is a binary file or the source's bytes."""
+    """Open (lazily) with the allowed decoders only, the header parsed within its
+    budget, and check the pixel count before any pixel is decoded. `file` is a
+    binary file or the source's bytes."""
+    budget = _HeaderBudget(io.BytesIO(file) if isinstance(file, bytes) else file)
     try:
-        image = Image.open(io.BytesIO(file) if isinstance(file, bytes) else file,
-                           formats=config.input_formats)
+        image = Image.open(budget, formats=config.input_formats)
     except UnidentifiedImageError:
         raise Unprocessable("source is not an image in a format this server reads: "
                             + " ".join(config.input_formats).lower()) from None
     except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as error:
         raise Unprocessable("source is not a decodable image", repr(error)) from None
+    budget.spent()
     if image.width * image.height > config.max_source_pixels:
         raise Unprocessable("source is larger than max_source_pixels")
     return image
@@ -1590,7 +1636,10 @@ def render(source_data, spec, config, transforms=None):
 
 
 def _is_animated(image):
-    """Whether the source has frames after the first (which alone is served)."""
+    """Whether the source has frames after the first (which alone is served). The
+    further pictures of a multi-picture JPEG (previews, depth maps) are no frames."""
+    if image.format == "MPO":
+        return False
     try:
         animated = getattr(image, "is_animated", False)
     except (OSError, SyntaxError, ValueError, EOFError):
@@ -1909,9 +1958,12 @@ def _save(image, output_format, spec, quality, palette=False):
     small = image.width * image.height <= PNG_OPTIMIZE_MAX_PIXELS
     if output_format == "png":
         if palette:
-            image = image.quantize(256, method=Image.Quantize.MEDIANCUT
-                                   if small and image.mode not in ("RGBA", "LA")
-                                   else Image.Quantize.FASTOCTREE)
+            alpha = image.mode in ("RGBA", "LA")
+            # median cut (better colours) for RGB up to 1 Mpx; fast octree otherwise,
+            # which needs RGB or RGBA
+            image = image.convert("RGBA" if alpha else "RGB").quantize(
+                256, method=Image.Quantize.MEDIANCUT if small and not alpha
+                else Image.Quantize.FASTOCTREE)
         image.save(buffer, "PNG", exif=exif, **({"optimize": True} if small else
                                                 {"compress_level": PNG_LARGE_COMPRESS_LEVEL}))
     elif output_format == "webp":
@@ -2025,27 +2077,30 @@ class ResultCache:
             file = open(path, "rb")
         except OSError:
             return None
-        if not self._is_sound(file, entry):
+        stat = os.fstat(file.fileno())
+        if not self._is_sound(file, stat, entry):
             file.close()
             log.warning("removing a damaged cache file %s", path)
             self.counts["damaged"] += 1
             self._remove(path)
             return None
+        if time.time() - stat.st_mtime > TOUCH_INTERVAL:
+            try:
+                os.utime(file.fileno())  # the LRU clock
+            except OSError:
+                pass  # a read-only cache still serves
         return entry, file
 
-    def _is_sound(self, file, entry):
-        stat = os.fstat(file.fileno())
+    @staticmethod
+    def _is_sound(file, stat, entry):
+        """Whether the file has the length and the checksum its name records; the
+        file is left at its start."""
         if stat.st_size != entry.length:
             return False
         crc = 0
         while chunk := file.read(262144):
             crc = zlib.crc32(chunk, crc)
         file.seek(0)
-        if time.time() - stat.st_mtime > TOUCH_INTERVAL:
-            try:
-                os.utime(file.fileno())
-            except OSError:
-                pass  # a read-only cache still serves
         return crc == entry.crc
 
     def store(self, entry, data):
@@ -2077,8 +2132,8 @@ class ResultCache:
         """A new temporary file's path in folder, made if missing (trimming removes
         empty folders, perhaps just after makedirs: then once more)."""
         for attempt in (1, 2):
-            os.makedirs(folder, exist_ok=True)
             try:
+                os.makedirs(folder, exist_ok=True)
                 descriptor, temporary = tempfile.mkstemp(dir=folder, prefix=".tmp-")
             except FileNotFoundError:
                 if attempt == 2:
@@ -2462,14 +2517,28 @@ class App:
         """The image key of spec's answer from this source, where the source's facts
         are known without reading it all (a file's header; a remote source once it
         has been fetched); else None."""
-        probe = None if spec.url else (lambda: probe_file(source.path, self.config))
+        probe = None if spec.url else (lambda: self._probe(source))
         facts = self.facts.get(source.identity, probe)
+        if isinstance(facts, Unprocessable):
+            raise facts
         return facts and image_key(spec, plan_output(facts, spec, self.config), source.identity)
 
+    def _probe(self, source):
+        """A file's Facts, or the Unprocessable it raised: remembered either way, so a
+        file that is not a usable image has its header parsed once, not per request."""
+        try:
+            return probe_file(source.path, self.config)
+        except Unprocessable as error:
+            return error
+
     def produce(self, spec, source, key, read):
-        """The encoded image for spec: from the result cache, else rendered (one render
-        per key across processes while the cache is on). `read` gives the source with
-        its bytes, only when a render needs them."""
+        """The encoded image for spec: from the result cache, else rendered in a render
+        slot (one render per key across processes while the cache is on).
+
+        `read` gives the source with its bytes when a render needs them. Requests
+        for a key being rendered wait for that one render (the key's lock) rather than
+        for a slot: they then get it from the cache, so a crowd asking for one new
+        image costs one render and no 503s."""
         if key is None or self.cache is None:
             return self._render(spec, read)
         produced = self._cached(key, source)
@@ -2488,10 +2557,13 @@ class App:
         return Produced(entry, file, source, True, CACHE_HIT_TIMING)
 
     def _render(self, spec, read):
-        """Render in a render slot (503 when none comes free within queue_timeout),
-        keyed by the identity of the bytes actually read, and keep the result."""
-        source = read()
+        """Render in a render slot, keyed by the identity of the bytes actually read,
+        and keep the result. A remote source is fetched before the slot is taken (it
+        waits on its origin, not on a core); a file is read in the slot, so renders
+        waiting for one hold no source bytes."""
+        fetched = read() if spec.url else None
         with self.slots:
+            source = fetched or read()
             rendered = render(source.data, spec, self.config, self.transforms)
         self.facts.put(source.identity, rendered.facts)
         key = image_key(spec, rendered.plan, source.identity)
@@ -2525,7 +2597,7 @@ class App:
         if spec is not None:
             try:
                 return self._fitted_picture(name, path, spec)
-            except Busy:
+            except (Busy, MemoryError):
                 raise
             except Exception:  # the picture is broken, or a bug: the answer still goes out
                 log.exception("cannot fit the error picture %s", path)
@@ -2538,12 +2610,10 @@ class App:
         return data, len(data), mimetypes.guess_type(path)[0] or "application/octet-stream"
 
     def _fitted_picture(self, name, path, spec):
-        stat = os.stat(path)
-        source = Source(path, ("picture:" + name, stat.st_size, stat.st_mtime_ns), stat.st_mtime)
+        source = file_source(path, "picture:" + name, os.stat(path))
         spec = dataclasses.replace(spec, name=name, url="", upscale=True, max_bytes=0)
         produced = self.produce(spec, source, self.known_key(spec, source),
-                                lambda: dataclasses.replace(read_file_source(path, self.config),
-                                                            identity=source.identity))
+                                lambda: read_file_source(path, "picture:" + name, self.config))
         return produced.body, produced.entry.length, FORMATS[produced.entry.format][1]
 
     def health_page(self, request):

@@ -35,6 +35,21 @@ def read_manifest(folder):
     return [dict(zip(header, row)) for row in rows]
 
 
+@pytest.fixture(autouse=True)
+def dynimg_logger_as_found():
+    """Every test leaves the dynimg logger as it found it (handlers, level,
+    propagation), whatever configure_logging or the test changed."""
+    logger = dynimg.log
+    handlers, level, propagate, disabled = (list(logger.handlers), logger.level,
+                                            logger.propagate, logger.disabled)
+    yield
+    for handler in logger.handlers:
+        if handler not in handlers:
+            handler.close()
+    logger.handlers[:] = handlers
+    logger.level, logger.propagate, logger.disabled = level, propagate, disabled
+
+
 @pytest.fixture(scope="session")
 def corpus():
     folder = corpus_dir()

@@ -10,9 +10,14 @@ import io
 import json
 import os
 import shutil
+import socket
+import ssl
+import struct
+import subprocess
 import threading
 import time
 import urllib.parse
+import zlib
 
 import pytest
 from hypothesis import given, settings, strategies as st
@@ -66,11 +71,32 @@ def hostile_root(image_root, corpus):
     with open(os.path.join(folder, "declares-10000x10000.fits"), "wb") as fits:
         fits.write(fits_header(10000, 10000) + b"\0" * 2880)
     shutil.copy(os.path.join(corpus, "photo-medium-1.jpg"), os.path.join(folder, "my photo.jpg"))
+    for name, data in stuffed_headers(corpus).items():
+        with open(os.path.join(folder, name), "wb") as file:
+            file.write(data)
     for name in os.listdir(folder):
         os.chmod(os.path.join(folder, name), 0o644)
     os.symlink("loop-b.jpg", os.path.join(folder, "loop-a.jpg"))
     os.symlink("loop-a.jpg", os.path.join(folder, "loop-b.jpg"))
     return image_root
+
+
+def stuffed_headers(corpus):
+    """Real files with 4 MB of legal but empty header items before their pixels:
+    empty JPEG APP5 segments, empty PNG chunks, GIF comment blocks."""
+    with open(os.path.join(corpus, "photo-medium-1.jpg"), "rb") as file:
+        jpeg = file.read()
+    with open(os.path.join(corpus, "png-alpha.png"), "rb") as file:
+        png = file.read()
+    with open(os.path.join(corpus, "anim.gif"), "rb") as file:
+        gif = file.read()
+    size = 4 * 1024 * 1024
+    empty_chunk = struct.pack(">I", 0) + b"zzZz" + struct.pack(">I", zlib.crc32(b"zzZz"))
+    screen = 13 + 3 * 2 ** ((gif[10] & 7) + 1)  # header, screen descriptor, palette
+    comment = b"\x21\xfe" + (b"\xff" + b"c" * 255) * (size // 256) + b"\x00"
+    return {"segments.jpg": jpeg[:2] + b"\xff\xe5\x00\x02" * (size // 4) + jpeg[2:],
+            "chunks.png": png[:33] + empty_chunk * (size // 12) + png[33:],
+            "comments.gif": gif[:screen] + comment + gif[screen:]}
 
 
 class Origin(http.server.ThreadingHTTPServer):
@@ -252,6 +278,24 @@ def test_an_unknown_format_name_stops_start_up(hostile_root, tmp_path):
         dynimg.load_config(path)
 
 
+@pytest.mark.parametrize("name", ["segments.jpg", "chunks.png", "comments.gif"])
+def test_a_header_stuffed_with_empty_items_is_422_over_http(hostile_server, name):
+    reply = hostile_server.get(f"/images/hostile/{name}?width=100")
+    assert reply.status == 422
+    assert reply.headers["X-Image-Error"] == "source has an oversized header"
+
+
+def test_a_bad_file_has_its_header_parsed_once(hostile_app, monkeypatch):
+    app = hostile_app()
+    probes = []
+    probe = dynimg.probe_file
+    monkeypatch.setattr(dynimg, "probe_file", lambda path, config: probes.append(path)
+                        or probe(path, config))
+    for width in (100, 101, 102):
+        assert app.request("/hostile/segments.jpg", f"width={width}").status == 422
+    assert [path for path in probes if path.endswith("segments.jpg")] == [probes[0]]
+
+
 # --- 3. every render in a slot; error pictures cached -----------------------------------
 
 
@@ -323,6 +367,48 @@ def test_a_trickling_origin_is_cut_off_at_total_timeout(hostile_server, origin, 
     # origin would take a minute): then the threads serve again
     assert elapsed < total + 4
     assert image_reply.status == 200 and image_seconds < total + 4
+
+
+@pytest.fixture
+def tls_origin(tmp_path, monkeypatch):
+    """An https origin on 127.0.0.1 with a certificate this process trusts, that
+    completes the handshake, then sends its status line a byte every 0.3 s."""
+    cert, key = tmp_path / "origin.pem", tmp_path / "origin.key"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+                    "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1",
+                    "-keyout", str(key), "-out", str(cert)], check=True, capture_output=True)
+    monkeypatch.setenv("SSL_CERT_FILE", str(cert))  # read by each new default context
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(cert, key)
+    listener = socket.create_server(("127.0.0.1", 0))
+    stop = threading.Event()
+
+    def trickle():
+        connection, _ = listener.accept()
+        given_up = time.monotonic() + 10  # a client without a deadline fails, not hangs
+        with context.wrap_socket(connection, server_side=True) as tls:
+            for byte in b"HTTP/1.1 200 OK\r\nX-Slow: " + b"a" * 100:
+                if stop.wait(0.3) or time.monotonic() > given_up:
+                    return
+                try:
+                    tls.sendall(bytes([byte]))
+                except OSError:
+                    return
+    server = threading.Thread(target=trickle, daemon=True)
+    server.start()
+    yield listener.getsockname()[1]
+    stop.set()
+    listener.close()
+    server.join(5)
+
+
+def test_the_deadline_holds_over_tls(hostile_app, tls_origin):
+    app = hostile_app()
+    url = urllib.parse.quote(f"https://127.0.0.1:{tls_origin}/x.jpg", safe="")
+    started = time.monotonic()
+    reply = app.request("/", f"url={url}&width=50")
+    assert reply.status == 504
+    assert time.monotonic() - started < float(REMOTE["total_timeout"]) + 2
 
 
 # --- 5. /_health in constant time; trimming removes empty folders -------------------------
@@ -458,6 +544,7 @@ def test_the_log_formatter_escapes_every_control_character():
     ("100.100.100.200", False), ("fec0::1", False), ("10.0.0.1", False), ("127.0.0.1", False),
     ("169.254.169.254", False), ("::ffff:127.0.0.1", False), ("::ffff:8.8.8.8", True),
     ("64:ff9b::7f00:1", False), ("2002:7f00:1::1", False), ("fe80::1%eth0", False),
+    ("::a00:1", False), ("::ffff:0:a00:1", False), ("::1", False),
     ("224.0.0.1", False), ("ff0e::1", False), ("192.0.2.1", False), ("0.0.0.0", False),
 ])
 def test_only_globally_reachable_addresses_are_fetched(address, allowed):
@@ -494,6 +581,36 @@ def test_the_budget_search_stops_at_the_render_deadline(config, corpus, monkeypa
     in_time = dynimg.Job(spec, facts, plan, dynimg.LRU(1), deadline=time.monotonic() + 60)
     data, _, _ = dynimg.encode(image.copy(), in_time, None)
     assert len(encodes) > 2 and len(data) <= spec.max_bytes
+
+
+def test_grey_with_transparency_as_png_fits_a_budget(hostile_app, hostile_root, corpus):
+    with Image.open(os.path.join(corpus, "grayscale.jpg")) as photo:
+        photo.save(os.path.join(hostile_root, "hostile", "grey-trns.png"), transparency=0)
+    app = hostile_app()
+    for query in ("format=png&bandwidth=2g", "format=auto&bandwidth=2g"):
+        reply = app.request("/hostile/grey-trns.png", query)
+        assert reply.status == 200 and len(reply.body) <= 16000
+        assert reply.image().format == "PNG"
+
+
+def test_a_multi_picture_jpeg_is_not_called_animated(hostile_app, hostile_root, corpus):
+    with Image.open(os.path.join(corpus, "photo-medium-1.jpg")) as photo, \
+            Image.open(os.path.join(corpus, "photo-medium-2.jpg")) as depth:
+        photo.save(os.path.join(hostile_root, "hostile", "two.jpg"), "MPO", save_all=True,
+                   append_images=[depth.resize(photo.size)])
+    reply = hostile_app().request("/hostile/two.jpg", "width=120")
+    assert reply.status == 200 and "X-Image-Frames" not in reply.headers
+
+
+def test_a_path_that_is_not_utf8_is_one_escaped_line_in_the_log_file(hostile_app, tmp_path):
+    log_file = tmp_path / "dynimg.log"
+    app = hostile_app(server={"log_file": str(log_file)})
+    dynimg.configure_logging(app.config)  # the autouse fixture puts the logger back
+    assert app.request_raw("/\xff\n.jpg", "width=1").status == 400
+    for handler in dynimg.log.handlers:
+        handler.flush()
+    lines = [line for line in log_file.read_text().splitlines() if "GET" in line]
+    assert len(lines) == 1 and "\\udcff\\n.jpg" in lines[0]
 
 
 # --- 12. damaged cache entries and ICC transforms -----------------------------------------------
@@ -609,9 +726,11 @@ def test_a_hostile_mix_kills_no_daemon_and_never_stalls_a_cached_image(hostile_s
 
     with concurrent.futures.ThreadPoolExecutor(13) as pool:
         prober = pool.submit(probe)
-        attackers = [pool.submit(attack, next_requests()) for _ in range(12)]
-        answers = [answer for attacker in attackers for answer in attacker.result()]
-        stop.set()
+        try:
+            attackers = [pool.submit(attack, next_requests()) for _ in range(12)]
+            answers = [answer for attacker in attackers for answer in attacker.result()]
+        finally:
+            stop.set()  # the probe ends even if an attacker failed
         prober.result()
     assert [(path, status) for path, status, statuses in answers if status not in statuses] == []
     assert daemon_pids(port) == daemons  # none killed, none replaced

@@ -257,7 +257,11 @@ def browse_demo(server, connection_type, url):
                 browser.close()
     finally:
         shutil.rmtree(profile, ignore_errors=True)
-    time.sleep(0.5)  # the server's log lines follow the responses
+    # the server writes each log line just after its response: wait for the image's
+    deadline = time.monotonic() + 10
+    while "GET /photo-large-3.jpg?width=640 " not in server.log()[before:] \
+            and time.monotonic() < deadline:
+        time.sleep(0.05)
     return panel, server.log()[before:]
 
 

@@ -168,8 +168,13 @@ Include {PROJECT}/apache/dynimg.conf
         assert image_of(reply).size == (340, 227)
         query_form = http_request(port, "/images/?name=sunset.jpg&width=340&height=400")
         assert query_form.headers["X-Image-Key"] == reply.headers["X-Image-Key"]
-        time.sleep(0.3)  # Apache files its cached copy just after the answer
-        repeat = http_request(port, "/images/sunset.jpg?width=340&height=400")
+        # Apache files its cached copy just after the answer: ask until it answers
+        deadline = time.monotonic() + 10
+        while True:
+            repeat = http_request(port, "/images/sunset.jpg?width=340&height=400")
+            if repeat.headers["X-Cache"].startswith("HIT") or time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
         assert repeat.headers["X-Cache"].startswith("HIT")  # apache/cache.conf is in front
         assert repeat.body == reply.body
         with open(os.path.join(folder, "logs", "dynimg-access.log")) as access:
