@@ -296,6 +296,20 @@ def test_a_bad_file_has_its_header_parsed_once(hostile_app, monkeypatch):
     assert [path for path in probes if path.endswith("segments.jpg")] == [probes[0]]
 
 
+def test_decoding_is_judged_before_it_starts_by_the_memory_it_takes(hostile_app, hostile_root,
+                                                                   corpus):
+    with Image.open(os.path.join(corpus, "photo-large-2.jpg")) as photo:
+        photo.draft("RGB", (1068, 712))
+        photo.convert("RGB").save(os.path.join(hostile_root, "hostile", "photo.jp2"))
+    tight = hostile_app(limits={"max_decode_mb": "10"})  # 1068x712 JPEG 2000: 15 MB
+    refused = tight.request("/hostile/photo.jp2", "width=100")
+    assert refused.status == 422 and "max_decode_mb" in refused.headers["X-Image-Error"]
+    assert hostile_app().request("/hostile/photo.jp2", "width=100").status == 200
+    # a JPEG is judged at the size it is decoded at: 4272x2848 at 1/8 is 534x356
+    assert tight.request("/photo-large-2.jpg", "width=300").status == 200
+    assert tight.request("/photo-large-2.jpg", "width=3000").status == 422
+
+
 # --- 3. every render in a slot; error pictures cached -----------------------------------
 
 
