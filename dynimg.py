@@ -6,8 +6,9 @@ smallest image that still looks right: resized with Pillow(-SIMD), oriented,
 converted to sRGB, stripped of metadata and encoded within the byte budget of
 the client's network class.
 
-It is one WSGI callable, ``application``, with no dependency beyond the standard
-library and Pillow. The HTTP contract is in README.md.
+It is one WSGI application, an ``App`` built from a config by ``create_app()``
+(dynimg.wsgi does that), with no dependency beyond the standard library and
+Pillow. The HTTP contract is in README.md.
 
     mod_wsgi-express start-server dynimg.wsgi --mount-point /images
     python dynimg.py serve                       # wsgiref, for a quick local try
