@@ -221,10 +221,28 @@ BYTES_BY_SCALE_EXPONENT = 1.5
 MAX_HEADER_READS = 1024
 MAX_HEADER_BYTES = 4 * 1024 * 1024
 
-#: Memory a decoder takes per decoded pixel, where it is not Pillow's 4 bytes
-#: (measured decoding a 4 Mpx photo in each format): with max_decode_mb this
-#: bounds a render before it decodes (100 Mpx of JPEG 2000 would take 2 GB).
-DECODE_BYTES_PER_PIXEL = {"GIF": 1, "WEBP": 16, "JPEG2000": 20}
+#: A render's peak memory per source pixel, by the mode the source opens in:
+#: the decoded image and the full-size copies before the resize (mode
+#: conversions, premultiplied alpha). Measured rendering 6 Mpx sources to 400 px
+#: (L 1.3 bytes, RGB 5.3, RGBA 8.6, 16-bit grey 10, float 12, CMYK 8), rounded up;
+#: a mode not listed counts as the largest.
+RENDER_BYTES_PER_PIXEL = {"1": 2, "L": 2, "P": 6, "RGB": 6, "YCbCr": 6, "LA": 9, "La": 9,
+                          "PA": 9, "RGBA": 9, "RGBa": 9, "CMYK": 8, "I;16": 10, "I;16B": 10,
+                          "I;16L": 10, "I": 12, "F": 12}
+
+#: Decoders that take more than that, per pixel (measured the same way).
+DECODER_BYTES_PER_PIXEL = {"WEBP": 17, "JPEG2000": 20}
+
+#: A progressive JPEG keeps every DCT coefficient of the full-size image, whatever
+#: its DCT scaling: two bytes a coefficient, per component at full resolution (an
+#: upper bound: 4:2:0 takes half). Measured 3.3 bytes a pixel for 4:2:0 RGB, 6.3
+#: for 4:4:4, 8.3 for CMYK.
+JPEG_COEFFICIENT_BYTES = 2
+
+#: Scans a JPEG may have: each one walks every block of the image again (3 ms a
+#: scan at 100 Mpx), and encoders make about ten; thousands of empty scans would
+#: hold a render for minutes.
+MAX_JPEG_SCANS = 100
 
 #: Colour transforms an app keeps (one per embedded ICC profile), least recently
 #: used dropped first: hostile files with ever new profiles cannot grow memory.
@@ -343,7 +361,7 @@ DEFAULTS = {
         "max_source_pixels": "100000000",
         "formats": " ".join(INPUT_FORMATS),
         "max_render_seconds": "10",
-        "max_decode_mb": "400",
+        "max_render_mb": "400",
         "allowed_widths": "",
         "max_concurrent_renders": "0",
         "max_waiting_renders": "5",
@@ -435,7 +453,7 @@ class Config:
     max_source_pixels: int
     input_formats: tuple
     max_render_seconds: float
-    max_decode_mb: int
+    max_render_mb: int
     allowed_widths: tuple
     max_concurrent_renders: int
     max_waiting_renders: int
@@ -502,7 +520,7 @@ def load_config(path=None):
         max_source_pixels=read.integer("limits", "max_source_pixels", 1),
         input_formats=read.formats("limits", "formats"),
         max_render_seconds=read.number("limits", "max_render_seconds", 0.1, 600),
-        max_decode_mb=read.integer("limits", "max_decode_mb", 1),
+        max_render_mb=read.integer("limits", "max_render_mb", 1),
         allowed_widths=read.numbers("limits", "allowed_widths", int, empty=True),
         max_concurrent_renders=(read.integer("limits", "max_concurrent_renders", 0, 1024)
                                 or len(os.sched_getaffinity(0)) or 2),
@@ -559,7 +577,7 @@ class _ConfigReader:
 
     def integer(self, section, key, low, high=None):
         value = self.text(section, key)
-        if not re.fullmatch(r"\d{1,12}", value) or not low <= int(value) <= (high or 1e13):
+        if not re.fullmatch(r"[0-9]{1,12}", value) or not low <= int(value) <= (high or 1e13):
             self._fail(section, key, f"an integer from {low}" + (f" to {high}" if high else ""))
         return int(value)
 
@@ -805,8 +823,8 @@ def parse_spec(request, config):
     quality = _int_param(params, "quality", 1, 100, profile.quality)
     return Spec(
         name=name, url=url, width=width, height=height, fit=fit,
-        gravity=_choice_param(params, "gravity", GRAVITIES, "center") if fit in ("cover", "pad")
-        else "center",
+        # checked whatever the fit (the plan uses it for cover and pad only)
+        gravity=_choice_param(params, "gravity", GRAVITIES, "center"),
         upscale=_bool_param(params, "upscale", False),
         format=image_format, png_for_alpha=png_for_alpha,
         quality=quality, min_quality=min(profile.min_quality, quality),
@@ -967,7 +985,8 @@ def _int_param(params, name, low, high, default):
     value = params.get(name)
     if value is None:
         return default
-    if not re.fullmatch(r"\d{1,9}", value) or not low <= int(value) <= high:
+    # ASCII digits only: int() takes any script's, each another spelling of one URL
+    if not re.fullmatch(r"[0-9]{1,9}", value) or not low <= int(value) <= high:
         raise BadRequest(f"{name}: must be an integer from {low} to {high}")
     return int(value)
 
@@ -1015,13 +1034,15 @@ def _parse_colour(text):
 
 
 def _parse_screen_size(text):
-    match = re.fullmatch(r"(\d{1,5})x(\d{1,5})", text.strip().lower())
+    match = re.fullmatch(r"([0-9]{1,5})x([0-9]{1,5})", text.strip().lower())
     if not match or "0" in (match[1].lstrip("0") or "0", match[2].lstrip("0") or "0"):
         return None
     return int(match[1]), int(match[2])
 
 
 def _finite_number(text):
+    if not text.isascii():
+        return None  # float() takes any script's digits: one spelling of a number only
     try:
         number = float(text)
     except ValueError:
@@ -1215,14 +1236,14 @@ class Plan:
 @dataclasses.dataclass(frozen=True)
 class Job:
     """One render: the spec, the source's facts and the plan made from them, the
-    app's colour transforms, a deadline and the memory its decoding may take."""
+    app's colour transforms, a deadline and the memory it may take."""
 
     spec: Spec
     facts: Facts
     plan: Plan
     transforms: object
     deadline: float
-    max_decode_bytes: int = 0
+    max_render_bytes: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -1630,9 +1651,9 @@ def render(source_data, spec, config, transforms=None):
     plan = plan_output(facts, spec, config)
     job = Job(spec, facts, plan,
               LRU(TRANSFORM_CACHE_SIZE) if transforms is None else transforms,
-              time.monotonic() + config.max_render_seconds, config.max_decode_mb * 1024 * 1024)
+              time.monotonic() + config.max_render_seconds, config.max_render_mb * 1024 * 1024)
     animated, copyright_line = _is_animated(image), _copyright(image, spec)
-    image = decode(image, job)
+    image = decode(image, job, source_data)
     decoded = time.perf_counter()
     for step in PIPELINE:
         image = step(image, job)
@@ -1685,9 +1706,9 @@ def _orientation(image):
     return value if value in ORIENTATIONS else 1
 
 
-def decode(image, job):
-    """Shrink-on-load (JPEG DCT scaling to about the planned scale), then decode.
-    A broken file fails here, the one step that may: 422."""
+def decode(image, job, data):
+    """Shrink-on-load (JPEG DCT scaling to about the planned scale), judge the cost,
+    then decode. A broken file fails here, the one step that may: 422."""
     plan = job.plan
     if image.format in ("JPEG", "MPO"):  # an MPO is a JPEG with more pictures after it
         left, top, right, bottom = plan.region
@@ -1697,11 +1718,7 @@ def decode(image, job):
         if job.facts.orientation in (5, 6, 7, 8):
             width, height = height, width
         image.draft(None, (width, height))
-    # after draft, the size is what the decoder will make
-    needed = image.width * image.height * DECODE_BYTES_PER_PIXEL.get(image.format, 4)
-    if needed > job.max_decode_bytes:
-        raise Unprocessable("source would take more than max_decode_mb to decode",
-                            f"{image.format} {image.width}x{image.height}: {needed} bytes")
+    _check_cost(image, job, data)
     # the source is in memory already: hand it to the decoder whole, not in 64 KiB
     # pieces (each piece a suspension and resumption of libjpeg; 1-3 % faster)
     image.decodermaxblock = max(image.decodermaxblock, MAX_DECODER_BLOCK)
@@ -1712,6 +1729,25 @@ def decode(image, job):
         raise Unprocessable(f"source is a {image.format} file this server cannot decode",
                             repr(error)) from None
     return image
+
+
+def _check_cost(image, job, data):
+    """Refuse (422) a source whose render would take more than max_render_mb, or a
+    JPEG with more than MAX_JPEG_SCANS scans, judged before any pixel is decoded."""
+    source_pixels = job.plan.source[0] * job.plan.source[1]
+    if image.format in ("JPEG", "MPO"):
+        # 0xFFDA starts a scan; inside coded data 0xFF is always followed by 0 or RSTn
+        if data.count(b"\xff\xda") > MAX_JPEG_SCANS:
+            raise Unprocessable(f"source has more than {MAX_JPEG_SCANS} JPEG scans")
+        needed = image.width * image.height * RENDER_BYTES_PER_PIXEL.get(image.mode, 12)
+        if image.info.get("progressive") or image.info.get("progression"):
+            needed += source_pixels * len(image.getbands()) * JPEG_COEFFICIENT_BYTES
+    else:
+        needed = source_pixels * max(RENDER_BYTES_PER_PIXEL.get(image.mode, 12),
+                                     DECODER_BYTES_PER_PIXEL.get(image.format, 0))
+    if needed > job.max_render_bytes:
+        raise Unprocessable("source would take more than max_render_mb to render",
+                            f"{image.format} {image.mode} {image.size}: {needed} bytes")
 
 
 def orient(image, job):

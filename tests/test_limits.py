@@ -296,18 +296,49 @@ def test_a_bad_file_has_its_header_parsed_once(hostile_app, monkeypatch):
     assert [path for path in probes if path.endswith("segments.jpg")] == [probes[0]]
 
 
-def test_decoding_is_judged_before_it_starts_by_the_memory_it_takes(hostile_app, hostile_root,
+def test_a_render_is_judged_before_it_decodes_by_the_memory_it_takes(hostile_app, hostile_root,
                                                                    corpus):
     with Image.open(os.path.join(corpus, "photo-large-2.jpg")) as photo:
         photo.draft("RGB", (1068, 712))
         photo.convert("RGB").save(os.path.join(hostile_root, "hostile", "photo.jp2"))
-    tight = hostile_app(limits={"max_decode_mb": "10"})  # 1068x712 JPEG 2000: 15 MB
-    refused = tight.request("/hostile/photo.jp2", "width=100")
-    assert refused.status == 422 and "max_decode_mb" in refused.headers["X-Image-Error"]
-    assert hostile_app().request("/hostile/photo.jp2", "width=100").status == 200
-    # a JPEG is judged at the size it is decoded at: 4272x2848 at 1/8 is 534x356
-    assert tight.request("/photo-large-2.jpg", "width=300").status == 200
-    assert tight.request("/photo-large-2.jpg", "width=3000").status == 422
+    # (the apps share one result cache: the refusals first, as nothing is kept of them)
+    tight = hostile_app(limits={"max_render_mb": "10"})
+    refused = tight.request("/hostile/photo.jp2", "width=100")  # 1068x712 x 20 bytes: 15 MB
+    assert refused.status == 422 and "max_render_mb" in refused.headers["X-Image-Error"]
+    # a baseline JPEG counts at the size it is decoded at: 6028x3391 at 1/8 is 754x424
+    assert tight.request("/photo-large-1.jpg", "width=3000").status == 422  # at 1/2
+    assert tight.request("/photo-large-1.jpg", "width=300").status == 200
+    # a progressive one keeps every full-size coefficient: 4272x2848 x 3 x 2 bytes
+    assert tight.request("/photo-large-2.jpg", "width=100").status == 422
+    roomier = hostile_app(limits={"max_render_mb": "80"})
+    assert roomier.request("/hostile/photo.jp2", "width=100").status == 200
+    assert roomier.request("/photo-large-2.jpg", "width=100").status == 200
+
+
+def test_a_jpeg_with_thousands_of_scans_is_422_before_decoding(hostile_app, hostile_root,
+                                                               corpus):
+    with open(os.path.join(corpus, "progressive.jpg"), "rb") as file:
+        data = file.read()
+    last_scan = data.rindex(b"\xff\xda")
+    scans = data[:-2] + data[last_scan:-2] * 150 + b"\xff\xd9"  # the last scan again
+    with open(os.path.join(hostile_root, "hostile", "scans.jpg"), "wb") as file:
+        file.write(scans)
+    app = hostile_app()
+    started = time.monotonic()
+    reply = app.request("/hostile/scans.jpg", "width=100")
+    assert reply.status == 422 and "scans" in reply.headers["X-Image-Error"]
+    assert time.monotonic() - started < 5
+    assert app.request("/progressive.jpg", "width=100").status == 200
+
+
+@pytest.mark.parametrize("query", ["width=%EF%BC%91", "height=%D9%A3", "dpr=%EF%BC%92",
+                                   "screensize=%EF%BC%93x4", "gravity=fp:nan,nan",
+                                   "gravity=nowhere&fit=contain"])
+def test_one_spelling_of_each_value_and_no_value_ignored(app, query):
+    """Digits of other scripts would be other URLs for one image (past any front
+    cache); a gravity the fit does not use is still checked."""
+    reply = app.request("/photo-medium-1.jpg", query)
+    assert reply.status == 400
 
 
 # --- 3. every render in a slot; error pictures cached -----------------------------------

@@ -26,7 +26,7 @@ def spec_for(config, query="", path="/", **headers):
     ("name=a.jpg&forcefit=1&width=10&height=20", dict(fit="fill")),
     ("name=a.jpg&forcefit=no", dict(fit="contain")),
     ("name=a.jpg&fit=cover&gravity=north", dict(fit="cover", gravity="north")),
-    ("name=a.jpg&gravity=north", dict(gravity="center")),  # gravity only matters for cover/pad
+    ("name=a.jpg&gravity=north", dict(gravity="north")),  # checked; no new key (see below)
     ("name=a.jpg&q=55", dict(quality=55)),
     ("name=a.jpg&format=webp", dict(format="webp")),
     ("name=a.jpg&bg=F00", dict(bg="ff0000")),
