@@ -475,6 +475,22 @@ def test_health_never_walks_the_cache(hostile_app, monkeypatch):
     assert health["cache"]["misses"] == 1
 
 
+def test_health_answers_from_its_figures_over_a_cache_of_many_entries(hostile_server):
+    """As a load balancer's probe asks it (Varnish's shipped probe gives up after 2 s),
+    with 20,000 entries the last trim has not counted: /_health reports the trim's
+    figures (none yet), not a count it walked."""
+    folder = os.path.join(os.path.dirname(hostile_server.log_path), "cache", "ff", "ff")
+    os.makedirs(folder, exist_ok=True)
+    for number in range(20000):
+        open(os.path.join(folder, f"ffff{number:028x}.0.1x1.q80.s.0.00000000.jpeg"),
+             "wb").close()
+    started = time.monotonic()
+    reply = hostile_server.get("/images/_health")
+    assert reply.status == 200 and time.monotonic() - started < 1
+    assert json.loads(reply.body)["cache"]["entries_at_last_trim"] is None
+    shutil.rmtree(folder)  # the next tests' trims need not walk them
+
+
 def test_trimming_removes_empty_fan_out_folders(hostile_app):
     app = hostile_app(cache={"cache_max_mb": "1"})
     for width in range(40, 60):
@@ -547,6 +563,27 @@ def test_the_cache_bound_counts_disk_blocks(hostile_app):
 def test_long_names_and_link_loops_are_4xx_over_http(hostile_server, path, statuses):
     reply = hostile_server.get(path)
     assert reply.status in statuses
+
+
+def test_a_5xx_is_not_replayed_by_apaches_cache_in_front(hostile_root):
+    folder = shared_tempdir("dynimg-no-store-")
+    server = None
+    try:
+        server = ModWsgiExpress(write_config(folder, hostile_root, remote=REMOTE),
+                                front_cache=True)
+        unreachable = remote_query(1, "/x.jpg")  # nothing listens on port 1: 502
+        replies = []
+        for _ in range(10):  # Apache would file a copy a moment after the first answer
+            replies.append(server.get(unreachable))
+            time.sleep(0.2)
+        assert [reply.status for reply in replies] == [502] * 10
+        assert not any(reply.headers.get("X-Cache", "").startswith("HIT") for reply in replies)
+        # each one reached dynimg (it logs a line per request)
+        assert poll(lambda: server.log().count(" 502 ") >= 10)
+    finally:
+        if server:
+            server.stop()
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def test_5xx_answers_are_never_stored_by_shared_caches(hostile_app, monkeypatch, origin):
