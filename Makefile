@@ -3,7 +3,7 @@ PORT ?= 8000
 HOST ?= 127.0.0.1
 # Two processes (one a core) with a few threads each: renders are CPU-bound.
 PROCESSES ?= 2
-THREADS ?= 8
+THREADS ?= 16
 VENV := .venv
 SERVER_ROOT := /tmp/dynimg-$(PORT)
 # Apache's cache in front of dynimg is trimmed to this size

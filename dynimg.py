@@ -364,7 +364,7 @@ DEFAULTS = {
         "max_render_mb": "400",
         "allowed_widths": "",
         "max_concurrent_renders": "0",
-        "max_waiting_renders": "5",
+        "max_waiting_renders": "12",
         "queue_timeout": "10",
     },
     "hints": {

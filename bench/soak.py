@@ -1,5 +1,5 @@
 """Memory under sustained uncached renders: does a daemon process's RSS stay bounded
-and flat? mod_wsgi-express as `make serve` runs it (2 processes x 8 threads), no
+and flat? mod_wsgi-express as `make serve` runs it (2 processes x 16 threads), no
 result cache (every request renders), wrk asking for the corpus's large photos at
 widths from 200 to 2400 px, 16 connections.
 
@@ -73,7 +73,7 @@ def main():
                   f"error_image = {PROJECT}/errorimage.png\n[cache]\ncache_dir =\n")
     command = [os.path.join(PROJECT, ".venv", "bin", "mod_wsgi-express"), "start-server",
                os.path.join(PROJECT, "dynimg.wsgi"), "--host", "127.0.0.1", "--port", str(port),
-               "--mount-point", "/images", "--processes", "2", "--threads", "8",
+               "--mount-point", "/images", "--processes", "2", "--threads", "16",
                "--max-clients", "64", "--server-root", os.path.join(folder, "apache")]
     if os.geteuid() == 0:
         command += ["--user", "www-data", "--group", "www-data"]

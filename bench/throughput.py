@@ -94,7 +94,7 @@ def start(command, env=None):
                             env=env, start_new_session=True)
 
 
-def start_dynimg(folder, port, processes=2, threads=8, front_cache=False):
+def start_dynimg(folder, port, processes=2, threads=16, front_cache=False):
     """mod_wsgi-express on `port`; servers started on one folder share its result cache."""
     cache = os.path.join(folder, "cache")
     os.makedirs(cache, exist_ok=True)
@@ -171,7 +171,7 @@ def _latency(output, percentile):
 def scaling(args):
     """Uncached renders by processes x threads, to choose the shipped defaults."""
     print("| processes x threads | requests/s | p50 ms | p99 ms |\n|---|---:|---:|---:|")
-    for processes, threads in ((1, 1), (1, 4), (2, 1), (2, 4), (2, 8), (4, 2)):
+    for processes, threads in ((1, 1), (1, 4), (2, 1), (2, 4), (2, 16), (4, 2)):
         folder = tempfile.mkdtemp(prefix="dynimg-bench-")
         os.chmod(folder, 0o755)
         port = free_port()
@@ -248,7 +248,7 @@ def main():
     baselines = {0: results[1][1], 1: results[1][1]}  # renders: against thumbor
     static = results[4][1]
     print(f"wrk -t2 -c{args.connections} -d{args.seconds}s on 127.0.0.1; mod_wsgi-express "
-          "2 processes x 8 threads, --max-clients 64 (as make serve); ratio: renders against thumbor, the rest against "
+          "2 processes x 16 threads, --max-clients 64 (as make serve); ratio: renders against thumbor, the rest against "
           "the static file\n")
     print("| path | requests/s | p50 ms | p99 ms | ratio | errors |")
     print("|---|---:|---:|---:|---:|---|")

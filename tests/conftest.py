@@ -213,7 +213,7 @@ def stop(process):
 class ModWsgiExpress:
     """A real mod_wsgi-express (Apache) serving dynimg.wsgi under /images."""
 
-    def __init__(self, config_path, processes=2, threads=8, front_cache=False):
+    def __init__(self, config_path, processes=2, threads=16, front_cache=False):
         """front_cache: with the shipped apache/cache.conf (Apache's cache) in front."""
         self.folder = os.path.dirname(config_path)
         self.port = free_port()

@@ -23,7 +23,7 @@ IMAGE = "/images/photo-medium-1.jpg?width=310"
 @pytest.fixture(scope="module")
 def apache(image_root):
     """mod_wsgi-express as `make serve` runs it: methods.conf and Apache's cache in
-    front, 2 processes x 8 threads; dynimg logs a line for each request it handles."""
+    front, 2 processes x 16 threads; dynimg logs a line for each request it handles."""
     folder = shared_tempdir("dynimg-methods-")
     try:
         server = ModWsgiExpress(write_config(folder, image_root, server={"log_level": "INFO"}),
@@ -184,7 +184,7 @@ class SlowBodies:
 @pytest.mark.parametrize("method, answer", [("POST", "405 Method Not Allowed"),
                                             ("GET", "413 Request Entity Too Large")])
 def test_slow_bodies_neither_hold_threads_nor_get_read(apache, method, answer):
-    """24 clients trickling bodies (more than dynimg's 16 threads and than
+    """24 clients trickling bodies (more than
     mod_wsgi-express's 20 Apache workers) while others ask for images."""
     cached(apache, IMAGE)
     # sent to an image not in Apache's cache (a cached one is answered from there at
