@@ -11,6 +11,9 @@ FRONT_CACHE_LIMIT ?= 512M
 # Apache's own connections (cache hits, slow clients); too few and it keeps
 # starting and reaping children under load, dropping kept-alive connections
 MAX_CLIENTS ?= 64
+# Seconds a response may make no progress towards its client before it is cut:
+# a client reading a byte now and then holds a daemon thread no longer than this
+RESPONSE_TIMEOUT ?= 10
 
 DEBIAN_PACKAGES := apache2 apache2-dev build-essential python3-dev python3-venv \
 	libjpeg-dev zlib1g-dev libpng-dev libwebp-dev libtiff-dev liblcms2-dev \
@@ -42,6 +45,7 @@ serve: setup
 	$(VENV)/bin/mod_wsgi-express start-server dynimg.wsgi --host $(HOST) --port $(PORT) \
 		--mount-point /images --processes $(PROCESSES) --threads $(THREADS) $(RUN_AS) \
 		--max-clients $(MAX_CLIENTS) --server-root $(SERVER_ROOT) \
+		--response-socket-timeout $(RESPONSE_TIMEOUT) \
 		--include-file apache/methods.conf --include-file apache/cache.conf --log-to-terminal
 
 test: setup

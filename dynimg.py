@@ -40,6 +40,7 @@ import mimetypes
 import os
 import re
 import socket
+import struct
 import ssl
 import sys
 import tempfile
@@ -50,7 +51,8 @@ import urllib.parse
 import zlib
 from typing import Optional
 
-from PIL import Image, ImageCms, ImageMath, PngImagePlugin, UnidentifiedImageError
+from PIL import (Image, ImageCms, ImageMath, JpegImagePlugin, PngImagePlugin,
+                 UnidentifiedImageError)
 
 # --- constants and tables ---------------------------------------------------
 
@@ -231,7 +233,12 @@ RENDER_BYTES_PER_PIXEL = {"1": 2, "L": 2, "P": 6, "RGB": 6, "YCbCr": 6, "LA": 9,
                           "I;16L": 10, "I": 12, "F": 12}
 
 #: Decoders that take more than that, per pixel (measured the same way).
-DECODER_BYTES_PER_PIXEL = {"WEBP": 17, "JPEG2000": 20}
+DECODER_BYTES_PER_PIXEL = {"WEBP": 19, "JPEG2000": 20}
+
+#: A source with a transparent colour (tRNS, a GIF's transparent index) is first
+#: made LA or RGBA, full size: measured 7.7 bytes a pixel more for 1-bit, grey and
+#: palette sources, 4.3 for 16-bit grey.
+TRANSPARENCY_BYTES_PER_PIXEL = 8
 
 #: A progressive JPEG keeps every DCT coefficient of the full-size image, whatever
 #: its DCT scaling: two bytes a coefficient, per component at full resolution (an
@@ -704,6 +711,14 @@ def limit_pillow():
     Image.MAX_IMAGE_PIXELS = None
     PngImagePlugin.MAX_TEXT_CHUNK = MAX_TEXT_CHUNK
     PngImagePlugin.MAX_TEXT_MEMORY = MAX_TEXT_MEMORY
+    # Opening a JPEG, Pillow reads its DPI from the EXIF with a reader that copies
+    # every tag's data (a 64 kB EXIF of tags over one range took 350 MB); no answer
+    # uses the DPI. dynimg reads the EXIF it needs itself (_exif_tag).
+    JpegImagePlugin.JpegImageFile._read_dpi_from_exif = _no_dpi_from_exif
+
+
+def _no_dpi_from_exif(image):
+    """In place of Pillow's DPI-from-EXIF: nothing."""
 
 
 #: glibc's mallopt() parameters (malloc.h).
@@ -1686,10 +1701,7 @@ def _copyright(image, spec):
     """The source's EXIF copyright line, where the config keeps it."""
     if not spec.keep_copyright:
         return None
-    try:
-        value = image.getexif().get(EXIF_COPYRIGHT)
-    except Exception:  # broken EXIF: nothing to keep
-        return None
+    value = _exif_tag(image, EXIF_COPYRIGHT)
     return str(value).strip("\x00 ")[:200] or None if value else None
 
 
@@ -1697,13 +1709,49 @@ def _orientation(image):
     """The EXIF orientation, 1 when absent, invalid or unreadable (never an error).
     Only EXIF found without decoding counts (a PNG's eXIf after its pixel data would
     make Pillow decode the whole image first)."""
-    if image.format == "PNG" and "exif" not in image.info:
-        return 1
-    try:
-        value = image.getexif().get(EXIF_ORIENTATION, 1)
-    except Exception:  # any broken EXIF block means "no orientation", by design
-        return 1
+    value = _exif_tag(image, EXIF_ORIENTATION)
     return value if value in ORIENTATIONS else 1
+
+
+#: IFD0 entries read, at most (cameras write a few dozen).
+MAX_EXIF_ENTRIES = 256
+
+
+def _exif_tag(image, tag):
+    """One tag of the source's IFD0 (an int, or text), None when absent or unreadable.
+
+    Read by hand from the raw EXIF, one entry at a time: Pillow's reader copies every
+    tag's data, so a few kB of tags all pointing at one large range took gigabytes.
+    A TIFF's own tags were read, within the header budget, when it was opened."""
+    if hasattr(image, "tag_v2"):
+        return image.tag_v2.get(tag)
+    raw = image.info.get("exif") or b""
+    raw = raw[6:] if raw.startswith(b"Exif\x00\x00") else raw
+    if raw[:4] not in (b"II*\x00", b"MM\x00*"):
+        return None
+    order = "<" if raw[:2] == b"II" else ">"
+    try:
+        ifd = struct.unpack_from(order + "I", raw, 4)[0]
+        for index in range(min(struct.unpack_from(order + "H", raw, ifd)[0], MAX_EXIF_ENTRIES)):
+            entry = ifd + 2 + 12 * index
+            number, kind, count = struct.unpack_from(order + "HHI", raw, entry)
+            if number == tag:
+                return _exif_value(raw, order, entry, kind, count)
+    except struct.error:  # cut short: as if absent
+        return None
+    return None
+
+
+def _exif_value(raw, order, entry, kind, count):
+    """A SHORT or LONG entry's first value, an ASCII entry's text (up to 256 bytes)."""
+    if kind == 3:
+        return struct.unpack_from(order + "H", raw, entry + 8)[0]
+    if kind == 4:
+        return struct.unpack_from(order + "I", raw, entry + 8)[0]
+    if kind == 2:
+        start = entry + 8 if count <= 4 else struct.unpack_from(order + "I", raw, entry + 8)[0]
+        return raw[start:start + min(count, 256)].split(b"\x00")[0].decode("latin-1")
+    return None
 
 
 def decode(image, job, data):
@@ -1743,8 +1791,11 @@ def _check_cost(image, job, data):
         if image.info.get("progressive") or image.info.get("progression"):
             needed += source_pixels * len(image.getbands()) * JPEG_COEFFICIENT_BYTES
     else:
-        needed = source_pixels * max(RENDER_BYTES_PER_PIXEL.get(image.mode, 12),
-                                     DECODER_BYTES_PER_PIXEL.get(image.format, 0))
+        per_pixel = max(RENDER_BYTES_PER_PIXEL.get(image.mode, 12),
+                        DECODER_BYTES_PER_PIXEL.get(image.format, 0))
+        if "transparency" in image.info:
+            per_pixel += TRANSPARENCY_BYTES_PER_PIXEL
+        needed = source_pixels * per_pixel
     if needed > job.max_render_bytes:
         raise Unprocessable("source would take more than max_render_mb to render",
                             f"{image.format} {image.mode} {image.size}: {needed} bytes")

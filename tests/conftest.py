@@ -22,6 +22,9 @@ sys.path.insert(0, PROJECT)
 import dynimg  # noqa: E402
 
 VENV_BIN = os.path.dirname(sys.executable)
+
+#: Seconds a response may make no progress towards its client (as `make serve`).
+RESPONSE_TIMEOUT = 10
 IS_ROOT = os.geteuid() == 0
 
 
@@ -224,6 +227,7 @@ class ModWsgiExpress:
                    "--processes", str(processes), "--threads", str(threads),
                    "--server-root", os.path.join(self.folder, "server"),
                    "--include-file", os.path.join(PROJECT, "apache", "methods.conf"),
+                   "--response-socket-timeout", str(RESPONSE_TIMEOUT),
                    "--log-to-terminal"]
         if IS_ROOT:
             command += ["--user", "www-data", "--group", "www-data"]

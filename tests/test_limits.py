@@ -23,6 +23,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 from PIL import Image, ImageCms
 
+import conftest
 import dynimg
 from conftest import App, ModWsgiExpress, shared_tempdir, write_config
 from test_load import daemon_pids, peak_rss_mb
@@ -313,6 +314,46 @@ def test_a_render_is_judged_before_it_decodes_by_the_memory_it_takes(hostile_app
     roomier = hostile_app(limits={"max_render_mb": "80"})
     assert roomier.request("/hostile/photo.jp2", "width=100").status == 200
     assert roomier.request("/photo-large-2.jpg", "width=100").status == 200
+
+
+def exif_bomb(tags, size):
+    """EXIF whose IFD0 has an orientation of 6, then `tags` entries all pointing at one
+    `size`-byte range."""
+    entries = [struct.pack("<HHIHH", 0x0112, 3, 1, 6, 0)]
+    entries += [struct.pack("<HHII", 20000 + number, 1, size - 8, 8) for number in range(tags)]
+    ifd = struct.pack("<H", len(entries)) + b"".join(entries) + b"\0\0\0\0"
+    header = b"II*\0" + struct.pack("<I", size)
+    return b"Exif\0\0" + header + b"\0" * (size - 8) + ifd
+
+
+def test_an_exif_bomb_is_read_without_copying_its_tags(hostile_app, hostile_root, corpus,
+                                                        monkeypatch):
+    """5,300 tags over one 60 kB range: Pillow's reader would copy 320 MB."""
+    with Image.open(os.path.join(corpus, "photo-medium-1.jpg")) as photo:
+        photo.save(os.path.join(hostile_root, "hostile", "exif-bomb.jpg"),
+                   exif=exif_bomb(5300, 60000)[:65000])  # one APP1 segment
+        photo.save(os.path.join(hostile_root, "hostile", "exif-bomb.png"),
+                   exif=exif_bomb(4000, 500000)[6:])
+    def no_pillow_exif(*args):
+        raise AssertionError("Pillow's EXIF reader was used")
+    monkeypatch.setattr(Image.Image, "getexif", no_pillow_exif)
+    app = hostile_app()
+    for name in ("exif-bomb.jpg", "exif-bomb.png"):
+        reply = app.request(f"/hostile/{name}", "width=200")
+        assert reply.status == 200
+    # the orientation (6) is read all the same: turned upright
+    assert reply.image().size == (200, 300)
+
+
+def test_a_transparent_colour_counts_in_the_memory_a_render_takes(hostile_app, hostile_root,
+                                                                   corpus):
+    with Image.open(os.path.join(corpus, "grayscale.jpg")) as photo:
+        grey = photo.resize((1000, 1000))
+    grey.save(os.path.join(hostile_root, "hostile", "grey-1000.png"))
+    grey.save(os.path.join(hostile_root, "hostile", "grey-1000-trns.png"), transparency=0)
+    app = hostile_app(limits={"max_render_mb": "5"})  # grey 2 MB; made LA first, 10 MB
+    assert app.request("/hostile/grey-1000.png", "width=100").status == 200
+    assert app.request("/hostile/grey-1000-trns.png", "width=100").status == 422
 
 
 def test_a_jpeg_with_thousands_of_scans_is_422_before_decoding(hostile_app, hostile_root,
@@ -749,6 +790,47 @@ def test_the_demo_takes_a_name_with_a_space(hostile_app):
     demo = app.request("/_demo", "name=hostile%2Fmy%20photo.jpg&width=100")
     assert demo.status == 200
     assert "/images/hostile/my%20photo.jpg?bandwidth=2g" in demo.text
+
+
+# --- slow readers -----------------------------------------------------------------------------
+
+
+def test_slow_readers_free_their_threads_within_the_response_timeout(hostile_server):
+    """32 clients, as many as the daemons' threads, each asking for a 14 MB answer
+    (one cached PNG under 32 URLs, as q changes nothing for a PNG) and reading a byte
+    a second: a cached image is answered once their responses time out."""
+    big = "/images/photo-large-1.jpg?format=png&width=4000"
+    assert hostile_server.get(big, timeout=120).status == 200
+    probe = "/images/photo-medium-1.jpg?width=99"
+    assert hostile_server.get(probe).status == 200
+    clients, stop = [], threading.Event()
+    try:
+        for number in range(32):
+            client = socket.socket()
+            client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            client.connect(("127.0.0.1", hostile_server.port))
+            client.sendall(f"GET {big}&q={number + 1} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+            clients.append(client)
+
+        def trickle():
+            deadline = time.monotonic() + 60
+            while not stop.wait(1) and time.monotonic() < deadline:
+                for client in clients:
+                    try:
+                        client.recv(1)
+                    except OSError:
+                        pass
+        reader = threading.Thread(target=trickle, daemon=True)
+        reader.start()
+        time.sleep(1)  # the 32 requests are in the daemons by now
+        started = time.monotonic()
+        reply = hostile_server.get(probe, timeout=conftest.RESPONSE_TIMEOUT + 20)
+        waited = time.monotonic() - started
+    finally:
+        stop.set()
+        for client in clients:
+            client.close()
+    assert reply.status == 200 and waited < conftest.RESPONSE_TIMEOUT + 5
 
 
 # --- the hostile mix --------------------------------------------------------------------------
