@@ -756,6 +756,9 @@ REQUEST_HEADERS = ("Accept", "ECT", "Downlink", "Save-Data", "Sec-CH-DPR", "DPR"
                    "Sec-CH-Viewport-Width", "Viewport-Width", "Sec-CH-Width", "Width",
                    "If-None-Match", "If-Modified-Since")
 
+#: Each of them by its WSGI environ key.
+_ENVIRON_KEYS = {name: "HTTP_" + name.upper().replace("-", "_") for name in REQUEST_HEADERS}
+
 
 @dataclasses.dataclass(frozen=True)
 class Request:
@@ -775,9 +778,8 @@ class Request:
 
     @classmethod
     def from_environ(cls, environ):
-        headers = {name: environ["HTTP_" + name.upper().replace("-", "_")].strip()
-                   for name in REQUEST_HEADERS
-                   if "HTTP_" + name.upper().replace("-", "_") in environ}
+        headers = {name: environ[key].strip() for name, key in _ENVIRON_KEYS.items()
+                   if key in environ}
         path = environ.get("PATH_INFO", "").encode("latin-1", "replace")
         return cls(method=environ.get("REQUEST_METHOD", "GET"),
                    path=path.decode("utf-8", "surrogateescape"),
@@ -1352,15 +1354,19 @@ def fetch_remote(url, config):
 
 
 def _checked_address(parts, config):
-    port = parts.port or (443 if parts.scheme == "https" else 80)
     try:
-        infos = socket.getaddrinfo(parts.hostname, port, type=socket.SOCK_STREAM)
+        infos = socket.getaddrinfo(parts.hostname, _port(parts), type=socket.SOCK_STREAM)
     except (socket.gaierror, UnicodeError):
         raise BadGateway("remote host does not resolve") from None
     address = infos[0][4][0]
     if not is_public_address(address, config.allowed_networks):
         raise Forbidden("url: the remote host's address is not allowed")
     return address
+
+
+def _port(parts):
+    """A URL's port, or its scheme's."""
+    return parts.port or (443 if parts.scheme == "https" else 80)
 
 
 def _remote_get(connection, parts):
@@ -1411,8 +1417,7 @@ class _PinnedConnection(http.client.HTTPConnection):
     deadline: an origin that sends a byte now and then cannot hold a thread longer."""
 
     def __init__(self, parts, address, config, deadline):
-        port = parts.port or (443 if parts.scheme == "https" else 80)
-        super().__init__(parts.hostname, port, timeout=config.read_timeout)
+        super().__init__(parts.hostname, _port(parts), timeout=config.read_timeout)
         self.address, self.tls = address, parts.scheme == "https"
         self.connect_timeout, self.deadline = config.connect_timeout, deadline
         self.expired, self.timer, self.socket = False, None, None
