@@ -25,9 +25,12 @@ TEST_DEBIAN_PACKAGES := chromium colord-data icc-profiles-free libgs-common ngin
 # glibc reads it only at start-up, so it is set here for everything make starts.
 export GLIBC_TUNABLES ?= glibc.malloc.hugetlb=1
 
+# AVIF output and input come from an optional plugin, installed unless AVIF=no.
+AVIF ?= yes
+
 RUN_AS := $(if $(filter 0,$(shell id -u)),--user www-data --group www-data)
 
-.PHONY: serve test bench soak setup debs access clean
+.PHONY: serve test bench soak setup debs avif access clean
 
 serve: setup
 	@$(VENV)/bin/python dynimg.py check
@@ -77,7 +80,7 @@ soak: setup
 	.venv-bench/bin/pip install -q pyvips==3.2.0 pyvips-binary==8.18.7 thumbor==7.8.0
 	touch $@
 
-setup: debs $(VENV)/.ready access
+setup: debs $(VENV)/.ready avif access
 
 debs:
 	@scripts/setup debs $(DEBIAN_PACKAGES)
@@ -86,6 +89,9 @@ debs:
 $(VENV)/.ready: setup.cfg scripts/setup
 	scripts/setup venv
 	touch $@
+
+avif: $(VENV)/.ready
+	@scripts/setup avif $(AVIF)
 
 access: $(VENV)/.ready
 	@scripts/setup access . $(VENV)

@@ -54,20 +54,66 @@ from typing import Optional
 from PIL import (Image, ImageCms, ImageMath, JpegImagePlugin, PngImagePlugin,
                  UnidentifiedImageError)
 
+# SVT-AV1 writes a banner to stderr (Apache's error log) on every encode unless
+# its log level says errors only; it reads this when an encoder starts.
+os.environ.setdefault("SVT_LOG", "1")
+try:
+    # The one optional piece: Pillow-SIMD cannot build Pillow's own AVIF codec
+    # against Debian 12's libavif, so AVIF comes from this plugin (libavif with its
+    # encoders bundled), which registers the "AVIF" format with Pillow. Without it
+    # dynimg serves JPEG, WebP and PNG.
+    from pillow_avif import _avif as avif_codec  # registers the plugin too
+    from pillow_avif import AvifImagePlugin
+    AvifImagePlugin.DEFAULT_MAX_THREADS = 1  # one decode a core, like every render
+except ImportError:
+    avif_codec = None
+
 # --- constants and tables ---------------------------------------------------
 
 #: The product's version, shown by /_health.
 VERSION = "0.1.0"
 
 #: Part of every image key; raise it whenever the same request would give other bytes.
-PROCESSING_VERSION = 1
+PROCESSING_VERSION = 2
 
 #: Output formats users may name: Pillow's format name, the media type, alpha support.
 FORMATS = {
     "jpeg": ("JPEG", "image/jpeg", False),
     "webp": ("WEBP", "image/webp", True),
     "png": ("PNG", "image/png", True),
+    "avif": ("AVIF", "image/avif", True),
 }
+
+#: Lossy output formats: their quality follows the network class.
+LOSSY_FORMATS = ("jpeg", "webp", "avif")
+
+#: AVIF encoders in the order they are preferred, each with its speed setting
+#: (bench/formats.py, 800 px photos, one thread): SVT-AV1 at speed (preset) 8
+#: takes 20-40 ms for 0.47-0.68x the bytes of JPEG q80 at the same SSIMULACRA2;
+#: preset 6 saves ~6 % more at 4x the time; aom needs speed 6 (~300 ms) for those
+#: bytes, rav1e speed 8 (~300 ms).
+AVIF_ENCODERS = (("svt", 8), ("aom", 9), ("rav1e", 10))
+
+#: SVT-AV1 refuses images under 4 px on a side (and, multi-threaded, could hang on
+#: the next encode after such a refusal): those few pixels go to aom.
+SVT_MIN_SIDE = 4
+
+
+def _avif_encoder(skip=()):
+    """(codec, speed) of the AVIF encoder used, or None without the AVIF plugin."""
+    if avif_codec is None:
+        return None
+    for codec, speed in AVIF_ENCODERS:
+        if codec not in skip and avif_codec.encoder_codec_available(codec):
+            return codec, speed
+    return None
+
+
+AVIF_ENCODER = _avif_encoder()
+AVIF_TINY_ENCODER = _avif_encoder(skip=("svt",))
+
+#: Output formats this server can encode now.
+AVAILABLE_FORMATS = tuple(name for name in FORMATS if name != "avif" or AVIF_ENCODER)
 
 #: Source formats the server decodes, by the names `[limits] formats` takes: the
 #: Pillow plugins each name may open. No other decoder is ever handed a source.
@@ -168,9 +214,14 @@ PROGRESSIVE_MIN_PIXELS = 200 * 200
 #: only where the request already asks for near-lossless quality.
 FULL_CHROMA_QUALITY = 90
 
-#: WebP quality = requested (JPEG-scale) quality + this: WebP q85 matches JPEG q80's
-#: colour SSIM with 12 % fewer bytes (bench/encoding.py).
-WEBP_QUALITY_OFFSET = 5
+#: Qualities are JPEG's scale everywhere (profiles, URLs): each other lossy format
+#: is encoded at the setting that scores the same SSIMULACRA2 as JPEG at that
+#: quality (bench/formats.py: medians over the tuning photos at 400 and 800 px),
+#: interpolated between these points.
+QUALITY_EQUIVALENTS = {
+    "webp": {1: 1, 20: 13, 30: 27, 40: 40, 50: 54, 60: 65, 70: 77, 80: 86, 90: 92, 100: 100},
+    "avif": {1: 10, 20: 29, 30: 39, 40: 46, 50: 51, 60: 55, 70: 61, 80: 73, 90: 86, 100: 100},
+}
 
 #: WebP method: 4 is 3 % smaller than 2 at 2.5x the time; 6 saves 4 % more at 2.3x again.
 WEBP_METHOD = 4
@@ -200,16 +251,20 @@ QUALITY_SEARCH_ENCODES = 3
 BUDGET_AIM = 0.95
 BUDGET_CLOSE_ENOUGH = 0.85
 
-#: Typical bytes at each quality relative to quality 80: medians over the corpus
-#: photos at 360 and 800 px (bench/profiles.py prints how many encodes a
-#: budgeted answer then needs). JPEG jumps at 90, where chroma goes 4:4:4.
+#: Typical bytes at each quality (JPEG's scale, see QUALITY_EQUIVALENTS) relative
+#: to quality 80: medians over the corpus photos at 360 and 800 px (bench/profiles.py
+#: prints how many encodes a budgeted answer then needs). JPEG jumps at 90, where
+#: chroma goes 4:4:4.
 QUALITY_CURVES = {
     "jpeg": {5: 0.22, 10: 0.25, 15: 0.29, 20: 0.34, 25: 0.393, 30: 0.44, 35: 0.485,
              40: 0.524, 45: 0.566, 50: 0.603, 55: 0.641, 60: 0.687, 65: 0.742, 70: 0.807,
              75: 0.882, 80: 1.0, 85: 1.162, 90: 1.864, 95: 2.713, 100: 4.0},
-    "webp": {5: 0.24, 10: 0.27, 15: 0.30, 20: 0.331, 25: 0.367, 30: 0.407, 35: 0.434,
-             40: 0.475, 45: 0.502, 50: 0.537, 55: 0.568, 60: 0.599, 65: 0.634, 70: 0.672,
-             75: 0.808, 80: 1.0, 85: 1.313, 90: 1.938, 95: 2.9, 100: 4.5},
+    "webp": {5: 0.213, 10: 0.242, 15: 0.265, 20: 0.288, 25: 0.332, 30: 0.376, 35: 0.421,
+             40: 0.451, 45: 0.487, 50: 0.524, 55: 0.561, 60: 0.592, 65: 0.628, 70: 0.705,
+             75: 0.837, 80: 1.0, 85: 1.185, 90: 1.465, 95: 2.046, 100: 2.662},
+    "avif": {5: 0.155, 10: 0.184, 15: 0.226, 20: 0.268, 25: 0.315, 30: 0.379, 35: 0.399,
+             40: 0.469, 45: 0.493, 50: 0.552, 55: 0.584, 60: 0.636, 65: 0.701, 70: 0.738,
+             75: 0.865, 80: 1.0, 85: 1.236, 90: 1.59, 95: 2.484, 100: 5.787},
 }
 
 #: Bytes fall about as (linear scale) ** this when an image is scaled down at a
@@ -232,8 +287,10 @@ RENDER_BYTES_PER_PIXEL = {"1": 2, "L": 2, "P": 6, "RGB": 6, "YCbCr": 6, "LA": 9,
                           "PA": 9, "RGBA": 9, "RGBa": 9, "CMYK": 8, "I;16": 10, "I;16B": 10,
                           "I;16L": 10, "I": 12, "F": 12}
 
-#: Decoders that take more than that, per pixel (measured the same way).
-DECODER_BYTES_PER_PIXEL = {"WEBP": 19, "JPEG2000": 20}
+#: Decoders that take more than that, per pixel (measured the same way). AVIF
+#: measured 9.3 (RGB) and 13 (RGBA) for 8-bit 4:2:0; high bit depths hold their
+#: planes at 16 bits (up to 6 bytes a pixel more at 4:4:4).
+DECODER_BYTES_PER_PIXEL = {"WEBP": 19, "JPEG2000": 20, "AVIF": 19}
 
 #: A source with a transparent colour (tRNS, a GIF's transparent index) is first
 #: made LA or RGBA, full size: measured 7.7 bytes a pixel more for 1-bit, grey and
@@ -356,6 +413,7 @@ DEFAULTS = {
     },
     "output": {
         "format": "jpeg",
+        "auto_formats": "avif webp jpeg",
         "bg": "ffffff",
         "keep_copyright": "no",
         "png_palette": "no",
@@ -399,13 +457,13 @@ DEFAULTS = {
     },
     "network.default": {"quality": "80", "min_quality": "60", "max_bytes": "0", "max_dpr": "3",
                         "progressive": "no"},
-    "network.save-data": {"quality": "45", "min_quality": "30", "max_bytes": "30000",
+    "network.save-data": {"quality": "60", "min_quality": "60", "max_bytes": "30000",
                           "max_dpr": "1", "progressive": "yes"},
-    "network.slow-2g": {"quality": "40", "min_quality": "30", "max_bytes": "10000",
+    "network.slow-2g": {"quality": "60", "min_quality": "60", "max_bytes": "10000",
                         "max_dpr": "1", "progressive": "yes"},
-    "network.2g": {"quality": "45", "min_quality": "30", "max_bytes": "16000", "max_dpr": "1",
+    "network.2g": {"quality": "60", "min_quality": "60", "max_bytes": "16000", "max_dpr": "1",
                    "progressive": "yes"},
-    "network.3g": {"quality": "65", "min_quality": "45", "max_bytes": "120000", "max_dpr": "2",
+    "network.3g": {"quality": "65", "min_quality": "60", "max_bytes": "120000", "max_dpr": "2",
                    "progressive": "yes"},
     "network.4g": {"quality": "78", "min_quality": "60", "max_bytes": "500000", "max_dpr": "3",
                    "progressive": "no"},
@@ -450,6 +508,7 @@ class Config:
     cache_fsync: bool
     lock_timeout: int
     format: str
+    auto_formats: tuple
     bg: str
     keep_copyright: bool
     png_palette: bool
@@ -516,7 +575,8 @@ def load_config(path=None):
         cache_max_mb=read.integer("cache", "cache_max_mb", 1),
         cache_fsync=BOOLEANS[read.choice("cache", "fsync", BOOLEANS)],
         lock_timeout=read.integer("cache", "lock_timeout", 0, 3600),
-        format=read.choice("output", "format", FORMATS),
+        format=read.choice("output", "format", AVAILABLE_FORMATS),
+        auto_formats=read.auto_formats("output", "auto_formats"),
         bg=read.colour("output", "bg"),
         keep_copyright=BOOLEANS[read.choice("output", "keep_copyright", BOOLEANS)],
         png_palette=BOOLEANS[read.choice("output", "png_palette", BOOLEANS)],
@@ -617,6 +677,16 @@ class _ConfigReader:
         if (not values and not empty) or (values and values[0] <= 0):
             self._fail(section, key, "a list of positive numbers")
         return values
+
+    def auto_formats(self, section, key):
+        """Output formats in the order format=auto prefers them, those this server
+        cannot encode (AVIF without its plugin) left out; JPEG ends every list, as
+        the format every client shows."""
+        names = self.words(section, key)
+        if any(name not in FORMATS for name in names):
+            self._fail(section, key, "a list of " + ", ".join(FORMATS))
+        names = [name for name in names if name in AVAILABLE_FORMATS] + ["jpeg"]
+        return tuple(dict.fromkeys(names))
 
     def formats(self, section, key):
         """Source format names -> the Pillow plugins they open."""
@@ -991,11 +1061,16 @@ def _choose_fit(params):
 
 
 def _choose_format(params, request, config, vary):
-    """The output format; format=auto negotiates with Accept (and varies on it)."""
+    """(output format, whether an image with alpha goes out as PNG instead, vary):
+    format=auto negotiates with Accept (and varies on it)."""
     if params.get("format") != "auto":
-        return _choice_param(params, "format", FORMATS, config.format), False, vary
-    accepts_webp = negotiate_webp(request.header("Accept")[1] or "")
-    return ("webp" if accepts_webp else "jpeg"), not accepts_webp, vary | {"Accept"}
+        name = _choice_param(params, "format", FORMATS, config.format)
+        if name not in AVAILABLE_FORMATS:
+            raise BadRequest(f"format: {name} is not available on this server; one of "
+                             + ", ".join(AVAILABLE_FORMATS) + ", auto")
+        return name, False, vary
+    name = negotiate_format(request.header("Accept")[1] or "", config.auto_formats)
+    return name, not FORMATS[name][2], vary | {"Accept"}
 
 
 def _int_param(params, name, low, high, default):
@@ -1092,15 +1167,35 @@ def _printable(text):
 # --- HTTP policy --------------------------------------------------------------
 
 
-def negotiate_webp(accept):
-    """Whether an Accept header takes image/webp (explicitly, with q > 0)."""
-    for item in accept.split(","):
-        media, _, params = item.strip().partition(";")
-        if media.strip().lower() != "image/webp":
-            continue
-        match = re.search(r"q\s*=\s*([0-9.]+)", params)
-        return not match or (_finite_number(match[1]) or 0) > 0
-    return False
+#: Formats every browser shows: format=auto may send them to a client whose Accept
+#: does not name them (old browsers send image/* or */* for everything).
+UNIVERSAL_FORMATS = ("jpeg", "png")
+
+
+def negotiate_format(accept, preferred):
+    """The first of the `preferred` output formats the client takes: JPEG and PNG
+    always, the others only where Accept names their media type with q > 0
+    (image/avif;q=0 refuses AVIF; a wildcard takes nothing new). JPEG if none."""
+    taken = accepted_types(accept)
+    for name in preferred:
+        if name in UNIVERSAL_FORMATS or taken.get(FORMATS[name][1], 0) > 0:
+            return name
+    return "jpeg"
+
+
+def accepted_types(accept):
+    """{media type: q} of the types an Accept header names (q 1 unless it says
+    otherwise; the first mention of a type counts)."""
+    taken = {}
+    for item in accept.split(",")[:100]:
+        media, *params = item.split(";")
+        quality = 1.0
+        for param in params:
+            name, _, value = param.partition("=")
+            if name.strip().lower() == "q":
+                quality = _finite_number(value.strip()) or 0.0
+        taken.setdefault(media.strip().lower(), quality)
+    return taken
 
 
 def is_not_modified(if_none_match, etag):
@@ -1639,7 +1734,7 @@ def image_key(spec, plan, identity):
     """Hex digest of everything that decides the output's bytes, and of nothing else:
     a parameter that changes nothing for this source (bg on an opaque image, upscale
     or gravity the plan does not use, a box side that does not bind) adds no key."""
-    lossy = plan.format in ("jpeg", "webp")
+    lossy = plan.format in LOSSY_FORMATS
     fields = {
         "version": PROCESSING_VERSION,
         "source": list(identity),
@@ -1775,10 +1870,13 @@ def decode(image, job, data):
     # the source is in memory already: hand it to the decoder whole, not in 64 KiB
     # pieces (each piece a suspension and resumption of libjpeg; 1-3 % faster)
     image.decodermaxblock = max(image.decodermaxblock, MAX_DECODER_BLOCK)
+    # Pillow reports broken files through these, and only once it reads pixels; the
+    # AVIF plugin raises RuntimeError for frames its decoder cannot decode
+    broken = (OSError, SyntaxError, ValueError, EOFError, IndexError, KeyError) + (
+        (RuntimeError,) if image.format == "AVIF" else ())
     try:
         image.load()
-    except (OSError, SyntaxError, ValueError, EOFError, IndexError, KeyError) as error:
-        # Pillow reports broken files through these, and only once it reads pixels
+    except broken as error:
         raise Unprocessable(f"source is a {image.format} file this server cannot decode",
                             repr(error)) from None
     return image
@@ -1796,6 +1894,9 @@ def _check_cost(image, job, data):
         if image.info.get("progressive") or image.info.get("progression"):
             needed += source_pixels * len(image.getbands()) * JPEG_COEFFICIENT_BYTES
     else:
+        if image.format == "AVIF":
+            # the AV1 frames are decoded at their own size, whatever the header says
+            source_pixels = max(source_pixels, av1_frame_pixels(data))
         per_pixel = max(RENDER_BYTES_PER_PIXEL.get(image.mode, 12),
                         DECODER_BYTES_PER_PIXEL.get(image.format, 0))
         if "transparency" in image.info:
@@ -1804,6 +1905,188 @@ def _check_cost(image, job, data):
     if needed > job.max_render_bytes:
         raise Unprocessable("source would take more than max_render_mb to render",
                             f"{image.format} {image.mode} {image.size}: {needed} bytes")
+
+
+#: Items and extents of an AVIF container read, at most (a photo has a few).
+MAX_AVIF_ITEMS = 1024
+
+
+def av1_frame_pixels(data):
+    """The pixels an AVIF file's AV1 frames decode to, from their sequence headers:
+    the largest frame's, or half of all frames' (a picture and its alpha frame, or
+    a grid's tiles and theirs, count as one picture), whichever is more.
+
+    The size Pillow reports is the container's (ispe); the decoder makes each AV1
+    frame at the size its own sequence header gives, up to 16384x16384, and then
+    scales it to the container's: a 1 kB file saying 100x100 decoded a 6000x6000
+    frame. So the frames are measured before decoding; a container whose items
+    cannot be read this way is a 422, and so is an image sequence (a track's
+    frames are not items: they cannot be measured this way)."""
+    try:
+        if _box(data, 0, len(data), b"moov") is not None:
+            raise Unprocessable("source is an AVIF image sequence, which this server does "
+                                "not read")
+        meta = _box(data, 0, len(data), b"meta")
+        if meta is None:
+            raise ValueError("no meta box")
+        start, end = meta[0] + 4, meta[1]  # a full box: version and flags first
+        iloc, idat = _box(data, start, end, b"iloc"), _box(data, start, end, b"idat")
+        if iloc is None:
+            raise ValueError("no iloc box")
+        largest = total = 0
+        for method, offset in _item_offsets(data, *iloc):
+            base = 0 if method == 0 else idat[0] if method == 1 and idat else None
+            if base is not None:
+                width, height = _av1_frame_size(data, base + offset) or (0, 0)
+                largest, total = max(largest, width * height), total + width * height
+        return max(largest, total // 2)
+    except (struct.error, ValueError, IndexError) as error:
+        raise Unprocessable("source is an AVIF file this server cannot check",
+                            repr(error)) from None
+
+
+def _box(data, start, end, kind):
+    """(payload start, end) of the first ISO-BMFF box of this kind in data[start:end]."""
+    while start + 8 <= end:
+        size, found = struct.unpack_from(">I4s", data, start)
+        header = 8
+        if size == 1:
+            size, header = struct.unpack_from(">Q", data, start + 8)[0], 16
+        elif size == 0:
+            size = end - start
+        if size < header or start + size > end:
+            raise ValueError(f"box {found!r} overruns its parent")
+        if found == kind:
+            return start + header, start + size
+        start += size
+    return None
+
+
+def _item_offsets(data, start, end):
+    """(construction method, offset of the first extent) of each item in an iloc box."""
+    version = data[start]
+    position = start + 4
+    sizes = data[position] >> 4, data[position] & 15, data[position + 1] >> 4
+    index_size = data[position + 1] & 15 if version in (1, 2) else 0
+    offset_size, length_size, base_size = sizes
+    position += 2
+    id_size = 4 if version == 2 else 2
+    count = _uint(data, position, id_size)
+    position += id_size
+    if count > MAX_AVIF_ITEMS:
+        raise ValueError(f"{count} items")
+    for _ in range(count):
+        position += id_size
+        method = 0
+        if version in (1, 2):
+            method = _uint(data, position, 2) & 15
+            position += 2
+        position += 2  # data_reference_index
+        base = _uint(data, position, base_size)
+        position += base_size
+        extents = _uint(data, position, 2)
+        position += 2
+        if extents > MAX_AVIF_ITEMS:
+            raise ValueError(f"{extents} extents")
+        first = None
+        for _ in range(extents):
+            position += index_size
+            offset = _uint(data, position, offset_size)
+            position += offset_size + length_size
+            first = base + offset if first is None else first
+        if position > end:
+            raise ValueError("iloc overruns its box")
+        if first is not None:
+            yield method, first
+
+
+def _uint(data, position, size):
+    if position + size > len(data):
+        raise ValueError("cut short")
+    return int.from_bytes(data[position:position + size], "big")
+
+
+def _av1_frame_size(data, position):
+    """(width, height) from the AV1 sequence header starting an item's data (after a
+    temporal delimiter, if any), or None if the item does not start with one."""
+    for _ in range(2):
+        if position >= len(data):
+            return None
+        header = data[position]
+        kind, extension, has_size = header >> 3 & 15, header >> 2 & 1, header >> 1 & 1
+        if header & 0x80 or not has_size:
+            return None
+        position += 1 + extension
+        size, length = _leb128(data, position)
+        position += length
+        if kind == 1:
+            return _sequence_header_size(_Bits(data[position:position + size]))
+        if kind != 2:  # only a temporal delimiter may come first
+            return None
+        position += size
+    return None
+
+
+def _leb128(data, position):
+    value = 0
+    for index in range(8):
+        byte = data[position + index]
+        value |= (byte & 0x7F) << (7 * index)
+        if not byte & 0x80:
+            return value, index + 1
+    raise ValueError("leb128 too long")
+
+
+class _Bits:
+    """Reads an AV1 header most significant bit first."""
+
+    def __init__(self, data):
+        self.data, self.position = data, 0
+
+    def read(self, count):
+        value = 0
+        for _ in range(count):
+            byte = self.data[self.position >> 3]  # IndexError when cut short
+            value = value << 1 | (byte >> (7 - (self.position & 7)) & 1)
+            self.position += 1
+        return value
+
+    def uvlc(self):
+        zeros = 0
+        while not self.read(1):
+            zeros += 1
+            if zeros >= 32:
+                raise ValueError("uvlc too long")
+        return self.read(zeros) + (1 << zeros) - 1
+
+
+def _sequence_header_size(bits):
+    """max_frame_width and max_frame_height of an AV1 sequence header (spec 5.5.1)."""
+    bits.read(3)  # seq_profile
+    bits.read(1)  # still_picture
+    if bits.read(1):  # reduced_still_picture_header
+        bits.read(5)
+    else:
+        model_info = False
+        if bits.read(1):  # timing_info_present_flag
+            bits.read(32), bits.read(32)
+            if bits.read(1):  # equal_picture_interval
+                bits.uvlc()
+            model_info = bits.read(1)
+            if model_info:
+                delay_length = bits.read(5) + 1
+                bits.read(32), bits.read(5), bits.read(5)
+        display_delay = bits.read(1)
+        for _ in range(bits.read(5) + 1):  # operating points
+            bits.read(12)
+            if bits.read(5) > 7:
+                bits.read(1)
+            if model_info and bits.read(1):
+                bits.read(delay_length), bits.read(delay_length), bits.read(1)
+            if display_delay and bits.read(1):
+                bits.read(4)
+    width_bits, height_bits = bits.read(4) + 1, bits.read(4) + 1
+    return bits.read(width_bits) + 1, bits.read(height_bits) + 1
 
 
 def orient(image, job):
@@ -1947,7 +2230,7 @@ def encode(image, job, copyright_line=None):
     spec, output_format = job.spec, job.plan.format
     # nothing of the source's metadata (EXIF, XMP, ICC, comments) goes out
     image.info = {"exif": _copyright_exif(copyright_line)} if copyright_line else {}
-    lossy = output_format in ("jpeg", "webp")
+    lossy = output_format in LOSSY_FORMATS
     if spec.max_bytes and not lossy:
         image = _scaled_to_pixels(image, spec.max_bytes * PNG_PIXELS_PER_BUDGET_BYTE)
     palette = spec.png_palette
@@ -2051,6 +2334,20 @@ def _curve_at(curve, quality):
     return curve[low] * (1 - weight) + curve[high] * weight
 
 
+def encoder_quality(output_format, quality):
+    """The encoder's quality setting that looks like JPEG at `quality` (the scale
+    every profile and URL speaks), read from QUALITY_EQUIVALENTS."""
+    table = QUALITY_EQUIVALENTS.get(output_format)
+    if table is None:
+        return quality
+    points = sorted(table.items())
+    for (low, low_value), (high, high_value) in zip(points, points[1:]):
+        if quality <= high:
+            weight = (quality - low) / (high - low)
+            return max(1, min(100, round(low_value + (high_value - low_value) * weight)))
+    return points[-1][1]
+
+
 def _copyright_exif(copyright_line):
     exif = Image.Exif()
     exif[EXIF_COPYRIGHT] = copyright_line
@@ -2074,8 +2371,16 @@ def _save(image, output_format, spec, quality, palette=False):
         image.save(buffer, "PNG", exif=exif, **({"optimize": True} if small else
                                                 {"compress_level": PNG_LARGE_COMPRESS_LEVEL}))
     elif output_format == "webp":
-        image.save(buffer, "WEBP", quality=min(100, quality + WEBP_QUALITY_OFFSET),
+        image.save(buffer, "WEBP", quality=encoder_quality("webp", quality),
                    method=WEBP_METHOD, exif=exif)
+    elif output_format == "avif":
+        codec, speed = AVIF_ENCODER
+        if codec == "svt" and min(image.size) < SVT_MIN_SIDE and AVIF_TINY_ENCODER:
+            codec, speed = AVIF_TINY_ENCODER
+        # one thread: renders already run side by side, one a core; 4:2:0 for grey
+        # images too, as SVT-AV1 cannot encode monochrome (4:0:0)
+        image.save(buffer, "AVIF", quality=encoder_quality("avif", quality), codec=codec,
+                   speed=speed, max_threads=1, subsampling="4:2:0", exif=exif)
     else:
         image.save(buffer, "JPEG", quality=quality, optimize=True, exif=exif,
                    progressive=spec.progressive
@@ -2499,6 +2804,15 @@ def pillow_build():
             "built_with": build.get("cc")}
 
 
+def avif_build():
+    """The AVIF plugin's libavif version and the encoder and speed used, or None."""
+    if AVIF_ENCODER is None:
+        return None
+    codec, speed = AVIF_ENCODER
+    return {"libavif": avif_codec.libavif_version, "encoder": codec, "speed": speed,
+            "codecs": avif_codec.codec_versions()}
+
+
 #: The classes the demo page shows side by side, slowest first.
 DEMO_CLASSES = ("slow-2g", "2g", "3g", "4g", "wifi")
 
@@ -2580,9 +2894,10 @@ class App:
             # wrong one makes caches (Apache's mod_cache) throw their stored copy away
             headers.append(("Content-Length", str(length)))
         start_response(f"{response.status} {http.HTTPStatus(response.status).phrase}", headers)
-        log.info("%s %s?%s %d %d bytes net=%s cache=%s key=%s %.0f ms", request.method,
-                 request.path, request.query, response.status, length,
-                 spec.network if spec else "-", "hit" if response.hit else "-", response.key,
+        log.info("%s %s?%s %d %d bytes net=%s type=%s cache=%s key=%s %.0f ms",
+                 request.method, request.path, request.query, response.status, length,
+                 spec.network if spec else "-", dict(headers).get("Content-Type", "-"),
+                 "hit" if response.hit else "-", response.key,
                  (time.perf_counter() - started) * 1000)
         if request.method == "HEAD" or response.status == 304:
             if hasattr(response.body, "close"):
@@ -2726,9 +3041,11 @@ class App:
     def health_page(self, request):
         """JSON: status and version for anyone; the build, paths and cache figures
         only where [server] health_details allows. Constant time: nothing is walked."""
-        body = {"status": "ok", "version": VERSION}
+        body = {"status": "ok", "version": VERSION, "avif": AVIF_ENCODER is not None}
         if self.config.health_details:
             body.update(pillow=pillow_build(), formats=self.config.input_formats,
+                        output_formats=AVAILABLE_FORMATS, auto_formats=self.config.auto_formats,
+                        avif_encoder=avif_build(),
                         config=self.config.path, image_root=self.config.image_root,
                         cache=self.cache.figures() if self.cache else None)
         return Response(200, (("Content-Type", "application/json"),
@@ -2745,10 +3062,15 @@ class App:
         if "name" not in params:
             raise BadRequest("name: required, such as /_demo?name=sunset.jpg")
         name = check_name(params["name"])
-        figures = [self._demo_figure(request, name, f"bandwidth={network}&width={width}",
+        # the tiles ask for this format (format=auto: what this browser takes)
+        image_format = params.get("format")
+        if image_format is not None:
+            _choice_param(params, "format", {**FORMATS, "auto": None}, None)
+        also = f"&format={image_format}" if image_format else ""
+        figures = [self._demo_figure(request, name, f"bandwidth={network}&width={width}{also}",
                                      network) for network in DEMO_CLASSES
                    if network in self.config.profiles]
-        yours = self._demo_figure(request, name, f"width={width}", "yours", panel=True)
+        yours = self._demo_figure(request, name, f"width={width}{also}", "yours", panel=True)
         body = DEMO_PAGE.format(name=html.escape(name), width=width,
                                 figures="\n".join(figures), yours=yours).encode()
         return Response(200, (("Content-Type", "text/html; charset=utf-8"),
@@ -2770,7 +3092,8 @@ class App:
         seconds = entry.length * 8 / 1000 / TYPICAL_KBITS.get(spec.network, 4000)
         facts = (f'<span class="network">{html.escape(spec.network)}</span>: '
                  f'<span class="bytes">{entry.length:,}</span> bytes, '
-                 f'{entry.width}×{entry.height} px, quality {entry.quality}, '
+                 f'{entry.width}×{entry.height} px {entry.format.upper()}, '
+                 f'quality {entry.quality}, '
                  f'~{seconds:.1f} s at {spec.network if spec.network in TYPICAL_KBITS else "4g"}')
         if panel:
             facts += (f'<br>dpr {spec.dpr:g}; this URL varies on: '

@@ -1,7 +1,11 @@
-"""Shared measuring tools for the benchmarks: luma SSIM and the corpus list."""
+"""Shared measuring tools for the benchmarks: the corpus list, luma SSIM and
+SSIMULACRA2."""
 
 import csv
 import os
+import shutil
+import subprocess
+import tempfile
 
 import numpy
 from PIL import Image
@@ -45,3 +49,51 @@ def ssim(reference, candidate, window=8):
     cxy = _box_mean(x * y, window) - mx * my
     score = ((2 * mx * my + c1) * (2 * cxy + c2)) / ((mx * mx + my * my + c1) * (vx + vy + c2))
     return float(score.mean())
+
+
+BENCH_PYTHON = os.path.join(PROJECT, ".venv-bench", "bin", "python")
+
+
+class Scorer:
+    """SSIMULACRA2 from worker processes in the bench venv (one a core), so that the
+    runtime venv never holds numpy or scipy. `score(pairs)` takes (reference,
+    candidate) Pillow images of one size each and returns their scores in order."""
+
+    def __init__(self, workers=None):
+        self.folder = tempfile.mkdtemp(prefix="dynimg-score-")
+        self.workers = [subprocess.Popen(
+            [BENCH_PYTHON, os.path.join(PROJECT, "bench", "ssimulacra2_worker.py")],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+            for _ in range(workers or os.cpu_count() or 1)]
+        self.written = 0
+
+    def _file(self, image):
+        self.written += 1
+        path = os.path.join(self.folder, f"{self.written}.png")
+        image.convert("RGB").save(path, compress_level=1)
+        return path
+
+    def score(self, pairs):
+        pairs = list(pairs)
+        if len(pairs) > 100:  # pipes hold a limited number of lines
+            return self.score(pairs[:100]) + self.score(pairs[100:])
+        lines = [f"{self._file(reference)} {self._file(candidate)}\n"
+                 for reference, candidate in pairs]
+        # every worker gets its share at once, then answers are read back in turn
+        for index, line in enumerate(lines):
+            worker = self.workers[index % len(self.workers)]
+            worker.stdin.write(line)
+        for worker in self.workers:
+            worker.stdin.flush()
+        scores = [float(self.workers[index % len(self.workers)].stdout.readline())
+                  for index in range(len(lines))]
+        for line in lines:
+            for path in line.split():
+                os.remove(path)
+        return scores
+
+    def close(self):
+        for worker in self.workers:
+            worker.stdin.close()
+            worker.wait()
+        shutil.rmtree(self.folder, ignore_errors=True)

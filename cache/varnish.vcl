@@ -64,13 +64,22 @@ sub vcl_recv {
     } else {
         unset req.http.Save-Data;
     }
-    # "takes WebP or not" is all format=auto needs from Accept
+    # "takes AVIF or not" and "takes WebP or not" are all format=auto needs from Accept
+    set req.http.X-Dynimg-Accept = "";
+    if (req.http.Accept ~ "(?i)image/avif" &&
+        req.http.Accept !~ "(?i)image/avif\s*;\s*q=0(\.0*)?\s*(,|$)") {
+        set req.http.X-Dynimg-Accept = "image/avif,";
+    }
     if (req.http.Accept ~ "(?i)image/webp" &&
         req.http.Accept !~ "(?i)image/webp\s*;\s*q=0(\.0*)?\s*(,|$)") {
-        set req.http.Accept = "image/webp";
-    } else {
-        unset req.http.Accept;
+        set req.http.X-Dynimg-Accept = req.http.X-Dynimg-Accept + "image/webp";
     }
+    if (req.http.X-Dynimg-Accept == "") {
+        unset req.http.Accept;
+    } else {
+        set req.http.Accept = req.http.X-Dynimg-Accept;
+    }
+    unset req.http.X-Dynimg-Accept;
     return (hash);
 }
 

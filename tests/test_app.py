@@ -173,7 +173,8 @@ def test_health_reports_only_status_and_version_by_default(app):
     reply = app.request("/_health")
     assert reply.status == 200
     assert reply.headers["Cache-Control"] == "no-store"
-    assert json.loads(reply.body) == {"status": "ok", "version": dynimg.VERSION}
+    assert json.loads(reply.body) == {"status": "ok", "version": dynimg.VERSION,
+                                      "avif": dynimg.AVIF_ENCODER is not None}
 
 
 def test_health_reports_pillow_build_config_and_cache_with_details_on(tmp_path, image_root):
@@ -190,6 +191,12 @@ def test_health_reports_pillow_build_config_and_cache_with_details_on(tmp_path, 
     assert health["image_root"] == image_root
     assert "JPEG" in health["formats"]
     assert health["cache"]["misses"] == 1 and health["cache"]["hits"] == 0
+    assert health["output_formats"] == list(dynimg.AVAILABLE_FORMATS)
+    if dynimg.AVIF_ENCODER:
+        assert health["avif"] is True
+        assert health["avif_encoder"]["encoder"] == "svt"
+        assert health["avif_encoder"]["libavif"].startswith("1.")
+        assert "svt [enc]" in health["avif_encoder"]["codecs"]
 
 
 def test_unknown_underscore_page_is_404(app):

@@ -9,6 +9,7 @@ import time
 
 import pytest
 
+import dynimg
 from conftest import (IS_ROOT, PROJECT, ModWsgiExpress, free_port, http_request,
                       shared_tempdir, stop, write_config)
 
@@ -145,7 +146,7 @@ def test_the_cache_tier_caches_separates_variants_and_survives_backend_failures(
         assert get(url).body == first.body
     assert backends.requests_for(url) == 1
 
-    # (b) network classes and WebP-or-not are separate variants, never crossed
+    # (b) network classes and formats are separate variants, never crossed
     hinted = "/images/photo-medium-2.jpg?width=640"
     slow = get(hinted, headers={"ECT": "2g"})
     fast = get(hinted, headers={"ECT": "4g"})
@@ -153,17 +154,20 @@ def test_the_cache_tier_caches_separates_variants_and_survives_backend_failures(
     assert len(slow.body) < len(fast.body)
     auto = "/images/photo-medium-2.jpg?width=300&format=auto"
     chrome = "image/avif,image/webp,image/apng,image/svg+xml,image/*,*/*;q=0.8"
-    webp = get(auto, headers={"Accept": chrome})
+    best = get(auto, headers={"Accept": chrome})
+    webp = get(auto, headers={"Accept": "image/webp,image/*"})
     jpeg = get(auto, headers={"Accept": "image/png,image/*;q=0.8"})
+    assert best.headers["Content-Type"] == ("image/avif" if dynimg.AVIF_ENCODER else "image/webp")
     assert webp.headers["Content-Type"] == "image/webp"
     assert jpeg.headers["Content-Type"] == "image/jpeg"
     for _ in range(2):
         assert get(hinted, headers={"ECT": "2G"}).body == slow.body
         assert get(hinted, headers={"ECT": "4g"}).body == fast.body
+        assert get(auto, headers={"Accept": chrome}).body == best.body
         assert get(auto, headers={"Accept": "image/webp,*/*"}).body == webp.body
         assert get(auto, headers={"Accept": "*/*"}).body == jpeg.body
     assert backends.requests_for(hinted) == 2
-    assert backends.requests_for(auto) == 2
+    assert backends.requests_for(auto) == (3 if dynimg.AVIF_ENCODER else 2)
 
     # (c) revalidation through the cache
     again = get(url, headers={"If-None-Match": first.headers["ETag"]})

@@ -776,7 +776,8 @@ def test_icc_transforms_are_kept_in_a_bounded_lru(hostile_app, hostile_root, cor
 
 def test_health_shows_status_and_version_only_by_default(hostile_app):
     health = json.loads(hostile_app().request("/_health").body)
-    assert health == {"status": "ok", "version": dynimg.VERSION}
+    assert health == {"status": "ok", "version": dynimg.VERSION,
+                      "avif": dynimg.AVIF_ENCODER is not None}
     detailed = json.loads(hostile_app(server={"health_details": "yes"}).request("/_health").body)
     assert detailed["image_root"] and detailed["pillow"]["version"] and "cache" in detailed
 

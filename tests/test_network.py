@@ -235,9 +235,10 @@ def test_demo_without_a_name_is_a_400(app):
 CHROMIUM = "/usr/bin/chromium"
 
 
-def browse_demo(server, connection_type, url):
+def browse_demo(server, connection_type, url, query="width=640"):
     """Load the demo in headless Chromium forced to a connection type; return the
-    panel's class and the log lines the server wrote meanwhile."""
+    panel's class and the log lines the server wrote meanwhile (once the line for
+    the panel's image, photo-large-3.jpg?QUERY, is among them)."""
     playwright = pytest.importorskip("playwright.sync_api")
     before = len(server.log())
     profile = tempfile.mkdtemp(prefix="dynimg-chromium-")
@@ -259,17 +260,21 @@ def browse_demo(server, connection_type, url):
         shutil.rmtree(profile, ignore_errors=True)
     # the server writes each log line just after its response: wait for the image's
     deadline = time.monotonic() + 10
-    while "GET /photo-large-3.jpg?width=640 " not in server.log()[before:] \
+    while f"GET /photo-large-3.jpg?{query} " not in server.log()[before:] \
             and time.monotonic() < deadline:
         time.sleep(0.05)
     return panel, server.log()[before:]
 
 
-def test_chromium_on_2g_receives_a_smaller_image_than_on_4g(server):
+def need_chromium():
     if not os.path.exists(CHROMIUM):
         if os.environ.get("CI") == "true":
             pytest.fail("chromium is not installed (make installs it)")
         pytest.skip("chromium is not installed (make test installs it)")
+
+
+def test_chromium_on_2g_receives_a_smaller_image_than_on_4g(server):
+    need_chromium()
     url = f"http://127.0.0.1:{server.port}/images/_demo?name=photo-large-3.jpg&width=640"
     sent = {}
     for connection_type, expected in (("2G", "2g"), ("4G", "4g")):
@@ -283,6 +288,22 @@ def test_chromium_on_2g_receives_a_smaller_image_than_on_4g(server):
     assert sent["2g"] < sent["4g"]
     assert sent["2g"] <= dynimg.load_config(os.path.join(PROJECT, "dynimg.ini")) \
         .profiles["2g"].max_bytes
+
+
+@pytest.mark.skipif(not dynimg.AVIF_ENCODER, reason="AVIF plugin not installed (AVIF=no)")
+def test_chromium_asking_format_auto_receives_avif(server):
+    need_chromium()
+    url = (f"http://127.0.0.1:{server.port}/images/_demo?name=photo-large-3.jpg&width=640"
+           "&format=auto")
+    panel, log = browse_demo(server, "4G", url, query="width=640&format=auto")
+    assert panel == "4g"
+    # every tile and the panel's image went out as AVIF, said the server's log
+    lines = re.findall(r"GET /photo-large-3\.jpg\?(\S*format=auto) 200 \d+ bytes net=\S+ "
+                       r"type=(\S+)", log)
+    assert len({query for query, _ in lines}) == 6, log[-2000:]
+    assert {media for _, media in lines} == {"image/avif"}
+    # and no encoder banner reached Apache's error log
+    assert "Svt[info]" not in server.log() and "SVT [version]" not in server.log()
 
 
 @pytest.mark.parametrize("query, progressive", [

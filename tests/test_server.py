@@ -93,7 +93,7 @@ def test_health_answers_status_and_version_only_by_default(server):
     reply = server.get("/images/_health")
     assert reply.status == 200 and reply.headers["Cache-Control"] == "no-store"
     health = json.loads(reply.body)
-    assert set(health) == {"status", "version"} and health["status"] == "ok"
+    assert set(health) == {"status", "version", "avif"} and health["status"] == "ok"
 
 
 @pytest.fixture(scope="module")
@@ -118,6 +118,21 @@ def test_health_answers_json_with_the_pillow_build(detailed_server):
             built = json.load(file)
         assert health["pillow"]["simd"] == (built["pillow"] == "pillow-simd")
         assert health["pillow"]["avx2"] == built["avx2"]
+
+
+def test_health_says_whether_the_server_encodes_avif_and_with_what(detailed_server):
+    """The daemons (www-data, Apache's environment) load the plugin make installed."""
+    health = json.loads(detailed_server.get("/images/_health").body)
+    installed = subprocess.run([os.path.join(VENV_BIN, "python"), "-c", "import pillow_avif"],
+                               capture_output=True).returncode == 0
+    assert health["avif"] is installed
+    if installed:
+        assert health["avif_encoder"]["encoder"] == "svt"
+        assert "avif" in health["output_formats"]
+        assert health["auto_formats"] == ["avif", "webp", "jpeg"]
+        reply = detailed_server.get("/images/photo-medium-1.jpg?width=200&format=avif")
+        assert reply.status == 200 and image_of(reply).format == "AVIF"
+        assert "Svt[info]" not in detailed_server.log()
 
 
 def test_the_shipped_apache_config_serves_images_under_real_apache2():

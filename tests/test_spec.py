@@ -197,15 +197,38 @@ def test_if_none_match_compares_weakly(header, etag, expected):
     assert dynimg.is_not_modified(header, etag) is expected
 
 
-@pytest.mark.parametrize("accept, expected", [
-    ("image/avif,image/webp,image/apng,image/*,*/*;q=0.8", True),
-    ("image/webp;q=0", False),
-    ("image/png,image/*;q=0.8", False),
-    ("", False),
-    ("IMAGE/WEBP", True),
+#: Accept headers browsers send for <img> (their current releases), and old ones.
+CHROME = "image/avif,image/webp,image/apng,image/svg+xml,image/*,*/*;q=0.8"
+FIREFOX = "image/avif,image/webp,image/png,image/svg+xml,image/*;q=0.8,*/*;q=0.5"
+SAFARI = ("image/webp,image/avif,image/jxl,image/heic,image/heic-sequence,video/*;q=0.8,"
+          "image/png,image/svg+xml,image/*;q=0.8,*/*;q=0.5")
+SAFARI_13 = "image/png,image/svg+xml,image/*;q=0.8,video/*;q=0.8,*/*;q=0.5"
+EDGE_18 = "image/png, image/svg+xml, image/*; q=0.8, */*; q=0.5"
+CHROME_84 = "image/webp,image/apng,image/*,*/*;q=0.8"
+ALL = ("avif", "webp", "jpeg")
+
+
+@pytest.mark.parametrize("accept, preferred, expected", [
+    (CHROME, ALL, "avif"),
+    (FIREFOX, ALL, "avif"),
+    (SAFARI, ALL, "avif"),  # the server's order decides among what the client takes
+    (SAFARI_13, ALL, "jpeg"),  # image/* and */* take no new format
+    (EDGE_18, ALL, "jpeg"),
+    (CHROME_84, ALL, "webp"),
+    ("", ALL, "jpeg"),
+    ("*/*", ALL, "jpeg"),
+    ("image/avif;q=0,image/webp", ALL, "webp"),
+    ("image/avif; q=0.0, image/webp;q=0", ALL, "jpeg"),
+    ("image/avif;q=0.1", ALL, "avif"),
+    ("IMAGE/AVIF;Q=0.5", ALL, "avif"),
+    ("image/avif;q=nan,image/webp", ALL, "webp"),  # an unreadable q counts as 0
+    ("image/avif;q=0,image/avif", ALL, "jpeg"),  # the first mention counts
+    (CHROME, ("webp", "avif", "jpeg"), "webp"),  # [output] auto_formats order
+    (CHROME, ("jpeg",), "jpeg"),
+    (CHROME, ("png", "jpeg"), "png"),
 ])
-def test_webp_negotiation_reads_accept(accept, expected):
-    assert dynimg.negotiate_webp(accept) is expected
+def test_format_negotiation_reads_accept(accept, preferred, expected):
+    assert dynimg.negotiate_format(accept, preferred) == expected
 
 
 def plan_for(size, query, config, alpha=False):
