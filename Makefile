@@ -55,15 +55,17 @@ test: setup
 	scripts/setup debs $(TEST_DEBIAN_PACKAGES)
 	$(VENV)/bin/python -m pytest
 
-# Figures for the README: render speed against libvips, network profiles,
-# encoder settings, HTTP throughput against static files and thumbor. Not part
-# of `make test`; 4½-8 minutes.
+# Figures for the README: render speed against libvips, encoder settings, AVIF
+# encoders and each format's quality scale, what each client receives per class
+# (SSIMULACRA2), HTTP throughput against static files and thumbor. Not part of
+# `make test`; 15-20 minutes.
 bench: setup .venv-bench/.ready
 	scripts/setup debs wrk varnish
 	@echo "machine: $$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs)," \
 		"$$(nproc) cores, $$(grep -o -m1 -w avx2 /proc/cpuinfo || echo no avx2)"
 	taskset -c 1 $(VENV)/bin/python bench/render.py
-	$(VENV)/bin/python bench/profiles.py
+	$(VENV)/bin/python bench/formats.py
+	$(VENV)/bin/python bench/delivery.py
 	$(VENV)/bin/python bench/encoding.py
 	$(VENV)/bin/python bench/throughput.py
 
@@ -77,7 +79,8 @@ soak: setup
 # runtime one.
 .venv-bench/.ready: Makefile
 	/usr/bin/python3 -m venv .venv-bench
-	.venv-bench/bin/pip install -q pyvips==3.2.0 pyvips-binary==8.18.7 thumbor==7.8.0
+	.venv-bench/bin/pip install -q pyvips==3.2.0 pyvips-binary==8.18.7 thumbor==7.8.0 \
+		ssimulacra2==0.3.0
 	touch $@
 
 setup: debs $(VENV)/.ready avif access

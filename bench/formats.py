@@ -7,7 +7,10 @@ SSIMULACRA2 on the tuning photos (the delivery benchmark reports on others).
    JPEG q80 at the same SSIMULACRA2 (interpolated along each encoder's own
    quality curve), medians over the photos at 400 and 800 px.
 2. The quality scale: for each JPEG quality, the WebP and AVIF quality that scores
-   the same, medians over photos and sizes: dynimg.QUALITY_EQUIVALENTS.
+   the same on each photo and size; dynimg.QUALITY_EQUIVALENTS takes the upper
+   quartile, so that three photos in four look at least as good as in JPEG.
+
+    .venv/bin/python bench/formats.py --scale-only      (part 2 alone)
 """
 
 import io
@@ -23,8 +26,11 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import dynimg  # noqa: E402
 from measure import Scorer, corpus_dir  # noqa: E402
 
-#: Photos the settings are chosen on; bench/delivery.py reports on the others.
-TUNING_PHOTOS = ("photo-large-1.jpg", "photo-medium-2.jpg", "photo-large-3.jpg")
+#: Photos the settings are chosen on; bench/delivery.py reports on the others. The
+#: encoder table takes the first three.
+TUNING_PHOTOS = ("photo-large-1.jpg", "photo-medium-2.jpg", "photo-large-3.jpg",
+                 "progressive.jpg", "photo-medium-1.jpg", "exif-orient-1.jpg")
+ENCODER_PHOTOS = TUNING_PHOTOS[:3]
 WIDTHS = (400, 800)
 ENCODERS = [("svt", speed) for speed in (6, 7, 8, 9)] + [("aom", speed) for speed in (6, 8, 9)] \
     + [("rav1e", speed) for speed in (8, 10)]
@@ -37,6 +43,7 @@ def photo(name, width):
     image = Image.open(os.path.join(corpus_dir(), name))
     image.draft("RGB", (width * 2, width * 2))
     image = image.convert("RGB")
+    image.info = {}  # no source metadata in the encodes (the AVIF plugin would copy it)
     return image.resize((width, round(image.height * width / image.width)),
                         Image.Resampling.LANCZOS)
 
@@ -65,13 +72,13 @@ def encoders(scorer, references):
     print("|---|---:|---:|---:|")
     for width in WIDTHS:
         jpeg = {}
-        for name, reference in references[width]:
+        for name, reference in references[width][:len(ENCODER_PHOTOS)]:
             data, _, decoded = encode(reference, "JPEG", quality=80, optimize=True,
                                       progressive=True)
             jpeg[name] = (scorer.score([(reference, decoded)])[0], len(data))
         for codec, speed in ENCODERS:
             times, ratios = [], []
-            for name, reference in references[width]:
+            for name, reference in references[width][:len(ENCODER_PHOTOS)]:
                 encoded = [encode(reference, "AVIF", quality=quality, speed=speed, codec=codec,
                                   max_threads=1) for quality in GRID[2:8]]
                 scores = scorer.score([(reference, decoded) for _, _, decoded in encoded])
@@ -100,7 +107,8 @@ def quality_scale(scorer, references):
                     for quality, score in zip(grid, scores):
                         jpeg_scores[quality].append(score)
                 curves.setdefault(image_format, []).append(list(zip(scores, grid)))
-    print("\n| JPEG quality | SSIMULACRA2 (median) | WebP quality | AVIF quality |")
+    print("\n| JPEG quality | SSIMULACRA2 (median) | WebP quality (median, upper quartile) "
+          "| AVIF quality (median, upper quartile) |")
     print("|---:|---:|---:|---:|")
     for quality in JPEG_QUALITIES:
         row = [quality, statistics.median(jpeg_scores[quality])]
@@ -109,8 +117,10 @@ def quality_scale(scorer, references):
             matches = [along(curve, score, 1) for curve, score
                        in zip(curves[image_format], jpeg_scores[quality])]
             matches = [match for match in matches if match is not None]
-            row.append(statistics.median(matches) if matches else float("nan"))
-        print("| {} | {:.1f} | {:.0f} | {:.0f} |".format(*row), flush=True)
+            row.append(f"{statistics.median(matches):.0f}, "
+                       f"**{statistics.quantiles(matches, n=4)[2]:.0f}**"
+                       if len(matches) > 1 else "-")
+        print("| {} | {:.1f} | {} | {} |".format(*row), flush=True)
 
 
 def main():
@@ -120,8 +130,9 @@ def main():
                   for width in WIDTHS}
     scorer = Scorer()
     try:
-        print(f"tuning photos: {', '.join(TUNING_PHOTOS)}\n")
-        encoders(scorer, references)
+        print(f"tuning photos: {', '.join(TUNING_PHOTOS)} (encoders: the first three)\n")
+        if "--scale-only" not in sys.argv:
+            encoders(scorer, references)
         quality_scale(scorer, references)
     finally:
         scorer.close()

@@ -230,6 +230,14 @@ def test_demo_without_a_name_is_a_400(app):
     assert app.request("/_demo").status == 400
 
 
+def test_demo_tiles_ask_for_the_format_the_demo_was_asked(app):
+    page = app.request("/_demo", "name=photo-medium-1.jpg&width=200&format=webp").text
+    # six tiles, each URL in the image, its link and the link's text
+    assert page.count("&amp;format=webp") == 6 * 3 and page.count(" px WEBP,") == 6
+    assert app.request("/_demo", "name=photo-medium-1.jpg&format=gif").status == 400
+    assert app.request("/_demo", "name=photo-medium-1.jpg&format=%3Cb%3E").status == 400
+
+
 # --- a real browser -------------------------------------------------------------
 
 CHROMIUM = "/usr/bin/chromium"
