@@ -1907,8 +1907,9 @@ def _check_cost(image, job, data):
                             f"{image.format} {image.mode} {image.size}: {needed} bytes")
 
 
-#: Items and extents of an AVIF container read, at most (a photo has a few).
-MAX_AVIF_ITEMS = 1024
+#: Items and extents, all counted together, an AVIF container may have (a photo
+#: has a few; a grid of 256 tiles, a few hundred).
+MAX_AVIF_ITEMS = 4096
 
 
 def av1_frame_pixels(data):
@@ -1973,7 +1974,8 @@ def _item_offsets(data, start, end):
     id_size = 4 if version == 2 else 2
     count = _uint(data, position, id_size)
     position += id_size
-    if count > MAX_AVIF_ITEMS:
+    parts = count
+    if parts > MAX_AVIF_ITEMS:
         raise ValueError(f"{count} items")
     for _ in range(count):
         position += id_size
@@ -1986,8 +1988,9 @@ def _item_offsets(data, start, end):
         position += base_size
         extents = _uint(data, position, 2)
         position += 2
-        if extents > MAX_AVIF_ITEMS:
-            raise ValueError(f"{extents} extents")
+        parts += extents
+        if parts > MAX_AVIF_ITEMS:
+            raise ValueError(f"more than {MAX_AVIF_ITEMS} items and extents")
         first = None
         for _ in range(extents):
             position += index_size
