@@ -21,6 +21,7 @@ variable or beside this file.
 import argparse
 import collections
 import configparser
+import contextlib
 import ctypes
 import dataclasses
 import email.utils
@@ -1647,7 +1648,8 @@ def open_image(file, config):
     except UnidentifiedImageError:
         raise Unprocessable("source is not an image in a format this server reads: "
                             + " ".join(config.input_formats).lower()) from None
-    except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as error:
+    except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError,
+            RuntimeError) as error:  # the AVIF plugin's decoder reports a broken container so
         raise Unprocessable("source is not a decodable image", repr(error)) from None
     budget.spent()
     if image.width * image.height > config.max_source_pixels:
@@ -1908,8 +1910,12 @@ def _check_cost(image, job, data):
 
 
 #: Items and extents, all counted together, an AVIF container may have (a photo
-#: has a few; a grid of 256 tiles, a few hundred).
+#: has a few; a grid of 256 tiles, a few hundred); boxes at one level, likewise.
 MAX_AVIF_ITEMS = 4096
+
+#: OBUs an AV1 item may hold (a still picture has a handful: a temporal delimiter,
+#: a sequence header, perhaps metadata, a frame or a frame header and tile groups).
+MAX_AV1_OBUS = 256
 
 
 def av1_frame_pixels(data):
@@ -1920,9 +1926,11 @@ def av1_frame_pixels(data):
     The size Pillow reports is the container's (ispe); the decoder makes each AV1
     frame at the size its own sequence header gives, up to 16384x16384, and then
     scales it to the container's: a 1 kB file saying 100x100 decoded a 6000x6000
-    frame. So the frames are measured before decoding; a container whose items
-    cannot be read this way is a 422, and so is an image sequence (a track's
-    frames are not items: they cannot be measured this way)."""
+    frame. So every OBU of every AV1 item is walked (its extents joined, as the
+    decoder joins them) and the largest sequence header counts. An AV1 item with no
+    sequence header, a container that cannot be read this way and an image
+    sequence (a track's frames are not items) are a 422."""
+    data = memoryview(data)
     try:
         if _box(data, 0, len(data), b"moov") is not None:
             raise Unprocessable("source is an AVIF image sequence, which this server does "
@@ -1931,15 +1939,24 @@ def av1_frame_pixels(data):
         if meta is None:
             raise ValueError("no meta box")
         start, end = meta[0] + 4, meta[1]  # a full box: version and flags first
-        iloc, idat = _box(data, start, end, b"iloc"), _box(data, start, end, b"idat")
-        if iloc is None:
-            raise ValueError("no iloc box")
+        iloc, iinf = _box(data, start, end, b"iloc"), _box(data, start, end, b"iinf")
+        idat = _box(data, start, end, b"idat")
+        if iloc is None or iinf is None:
+            raise ValueError("no iloc or iinf box")
+        av1_items = {item for item, kind in _item_types(data, *iinf) if kind == b"av01"}
         largest = total = 0
-        for method, offset in _item_offsets(data, *iloc):
-            base = 0 if method == 0 else idat[0] if method == 1 and idat else None
-            if base is not None:
-                width, height = _av1_frame_size(data, base + offset) or (0, 0)
-                largest, total = max(largest, width * height), total + width * height
+        for item, method, extents in _item_extents(data, *iloc):
+            if item not in av1_items:
+                continue
+            if method not in (0, 1) or (method == 1 and idat is None):
+                raise ValueError(f"item {item} is stored where it cannot be read")
+            base = idat[0] if method == 1 else 0
+            limit = idat[1] if method == 1 else len(data)
+            pieces = [data[base + offset:limit if length == 0 else base + offset + length]
+                      for offset, length in extents]
+            width, height = _av1_frame_size(b"".join(pieces) if len(pieces) > 1
+                                            else pieces[0])
+            largest, total = max(largest, width * height), total + width * height
         return max(largest, total // 2)
     except (struct.error, ValueError, IndexError) as error:
         raise Unprocessable("source is an AVIF file this server cannot check",
@@ -1948,7 +1965,9 @@ def av1_frame_pixels(data):
 
 def _box(data, start, end, kind):
     """(payload start, end) of the first ISO-BMFF box of this kind in data[start:end]."""
-    while start + 8 <= end:
+    for _ in range(MAX_AVIF_ITEMS):
+        if start + 8 > end:
+            return None
         size, found = struct.unpack_from(">I4s", data, start)
         header = 8
         if size == 1:
@@ -1960,16 +1979,33 @@ def _box(data, start, end, kind):
         if found == kind:
             return start + header, start + size
         start += size
-    return None
+    raise ValueError(f"more than {MAX_AVIF_ITEMS} boxes")
 
 
-def _item_offsets(data, start, end):
-    """(construction method, offset of the first extent) of each item in an iloc box."""
+def _item_types(data, start, end):
+    """(item ID, item type) of each infe box (versions 2 and 3) of an iinf box."""
+    count_size = 2 if data[start] == 0 else 4
+    position = start + 4 + count_size
+    for _ in range(min(_uint(data, start + 4, count_size), MAX_AVIF_ITEMS)):
+        entry = _box(data, position, end, b"infe")
+        if entry is None:
+            return
+        version = data[entry[0]]
+        if version >= 2:
+            id_size = 2 if version == 2 else 4
+            item = _uint(data, entry[0] + 4, id_size)
+            yield item, bytes(data[entry[0] + 6 + id_size:entry[0] + 10 + id_size])
+        position = entry[1]
+
+
+def _item_extents(data, start, end):
+    """(item ID, construction method, [(offset, length), ...]) of each item of an iloc
+    box; offsets include the item's base offset, a length of 0 means "to the end"."""
     version = data[start]
     position = start + 4
-    sizes = data[position] >> 4, data[position] & 15, data[position + 1] >> 4
+    offset_size, length_size = data[position] >> 4, data[position] & 15
+    base_size = data[position + 1] >> 4
     index_size = data[position + 1] & 15 if version in (1, 2) else 0
-    offset_size, length_size, base_size = sizes
     position += 2
     id_size = 4 if version == 2 else 2
     count = _uint(data, position, id_size)
@@ -1978,6 +2014,7 @@ def _item_offsets(data, start, end):
     if parts > MAX_AVIF_ITEMS:
         raise ValueError(f"{count} items")
     for _ in range(count):
+        item = _uint(data, position, id_size)
         position += id_size
         method = 0
         if version in (1, 2):
@@ -1986,21 +2023,23 @@ def _item_offsets(data, start, end):
         position += 2  # data_reference_index
         base = _uint(data, position, base_size)
         position += base_size
-        extents = _uint(data, position, 2)
+        count_of_extents = _uint(data, position, 2)
         position += 2
-        parts += extents
+        parts += count_of_extents
         if parts > MAX_AVIF_ITEMS:
             raise ValueError(f"more than {MAX_AVIF_ITEMS} items and extents")
-        first = None
-        for _ in range(extents):
+        extents = []
+        for _ in range(count_of_extents):
             position += index_size
             offset = _uint(data, position, offset_size)
+            length = _uint(data, position + offset_size, length_size)
             position += offset_size + length_size
-            first = base + offset if first is None else first
+            extents.append((base + offset, length))
         if position > end:
             raise ValueError("iloc overruns its box")
-        if first is not None:
-            yield method, first
+        if not extents:
+            raise ValueError(f"item {item} has no data")
+        yield item, method, extents
 
 
 def _uint(data, position, size):
@@ -2009,25 +2048,30 @@ def _uint(data, position, size):
     return int.from_bytes(data[position:position + size], "big")
 
 
-def _av1_frame_size(data, position):
-    """(width, height) from the AV1 sequence header starting an item's data (after a
-    temporal delimiter, if any), or None if the item does not start with one."""
-    for _ in range(2):
-        if position >= len(data):
-            return None
-        header = data[position]
+def _av1_frame_size(item):
+    """The largest (width, height) of the sequence headers among an AV1 item's OBUs."""
+    item = memoryview(item)
+    position, largest = 0, None
+    for _ in range(MAX_AV1_OBUS):
+        if position >= len(item):
+            if largest is None:
+                raise ValueError("an AV1 item without a sequence header")
+            return largest
+        header = item[position]
         kind, extension, has_size = header >> 3 & 15, header >> 2 & 1, header >> 1 & 1
-        if header & 0x80 or not has_size:
-            return None
+        if header & 0x80:
+            raise ValueError("an OBU with its forbidden bit set")
         position += 1 + extension
-        size, length = _leb128(data, position)
+        size, length = _leb128(item, position) if has_size else (len(item) - position, 0)
         position += length
-        if kind == 1:
-            return _sequence_header_size(_Bits(data[position:position + size]))
-        if kind != 2:  # only a temporal delimiter may come first
-            return None
+        if position + size > len(item):
+            raise ValueError("an OBU overruns its item")
+        if kind == 1:  # a sequence header: its fields end within a few hundred bytes
+            size_found = _sequence_header_size(_Bits(item[position:position + min(size, 512)]))
+            if largest is None or size_found[0] * size_found[1] > largest[0] * largest[1]:
+                largest = size_found
         position += size
-    return None
+    raise ValueError(f"more than {MAX_AV1_OBUS} OBUs in an item")
 
 
 def _leb128(data, position):
@@ -2254,24 +2298,53 @@ def encode(image, job, copyright_line=None):
         palette = True
         data = _save(image, output_format, spec, quality, palette)
         size = len(data)
-    exponent = BYTES_BY_SCALE_EXPONENT
-    for _ in range(BUDGET_SCALE_STEPS):
-        if size <= spec.max_bytes or min(image.size) <= 16 or time.monotonic() > job.deadline:
-            break
-        scale = min(0.95, (spec.max_bytes * BUDGET_AIM / size) ** (1 / exponent))
-        smaller = _scaled(image, scale)
-        data = _save(smaller, output_format, spec, quality, palette)
-        # learn how this image's bytes follow its scale, for a further step
-        if 0 < len(data) < size:
-            exponent = max(1.0, math.log(len(data) / size) / math.log(smaller.width / image.width))
-        image, size = smaller, len(data)
-    if data is None:  # the quality search predicted, and no scaling step came
+    if size > spec.max_bytes and min(image.size) > 16:
+        data, image, size = _fit_width(image, data, size, output_format, spec, quality,
+                                       palette, job.deadline)
+    if data is None:  # the quality search only predicted, and no scaling step came
         data = _save(image, output_format, spec, quality, palette)
         size = len(data)
     if size > spec.max_bytes:
         log.warning("cannot fit %s into %d bytes: sending %d bytes at %dx%d",
                     spec.name or spec.url, spec.max_bytes, size, image.width, image.height)
     return data, image, quality
+
+
+def _fit_width(full, data, size, output_format, spec, quality, palette, deadline):
+    """(bytes, image, size) of the widest scaled copy of `full` that fits the budget
+    at this quality, in a few encodes. Each guess follows bytes ~ scale ** exponent
+    from the narrowest encode known too large, the exponent measured on the image as
+    it goes; a copy that fits well under the budget is followed by a wider guess.
+    `data` is None where `size` was only predicted. Nothing fitting within
+    BUDGET_SCALE_STEPS encodes, the last (smallest) one is returned."""
+    exponent = BYTES_BY_SCALE_EXPONENT
+    high = (1.0, size)  # the narrowest scale known too large, and its bytes
+    best = None  # (scale, image, bytes): the widest known to fit
+    last = (data, full, size)
+    for _ in range(BUDGET_SCALE_STEPS):
+        if time.monotonic() > deadline or (
+                best and len(best[2]) >= spec.max_bytes * BUDGET_CLOSE_ENOUGH):
+            break
+        scale = high[0] * min(0.95, (spec.max_bytes * BUDGET_AIM / high[1]) ** (1 / exponent))
+        if best and scale <= best[0] * 1.02:  # no wider guess left between the two
+            break
+        image = _scaled(full, scale)
+        encoded = _save(image, output_format, spec, quality, palette)
+        # how this image's bytes follow its scale, from the two nearest encodes
+        if 0 < len(encoded) < high[1]:
+            exponent = min(3.0, max(1.0, math.log(high[1] / len(encoded))
+                                    / math.log(high[0] / scale)))
+        if len(encoded) <= spec.max_bytes:
+            best = (scale, image, encoded)
+        else:
+            high = (scale, len(encoded))
+            if min(image.size) <= 16:
+                last = (encoded, image, len(encoded))
+                break
+        last = (encoded, image, len(encoded))
+    if best:
+        return best[2], best[1], len(best[2])
+    return last
 
 
 def _scaled(image, scale):
@@ -2344,6 +2417,20 @@ def _curve_at(curve, quality):
     return curve[low] * (1 - weight) + curve[high] * weight
 
 
+@contextlib.contextmanager
+def _own_scheduling():
+    """Keep the calling thread's scheduling policy: SVT-AV1, where it may (as root),
+    makes the thread that encodes real-time (SCHED_FIFO), and it stayed so after the
+    encode: every later render on that thread would starve the rest of its core, and
+    every process started from it (Apache, under the tests) inherited the policy."""
+    policy, parameters = os.sched_getscheduler(0), os.sched_getparam(0)
+    try:
+        yield
+    finally:
+        if os.sched_getscheduler(0) != policy:
+            os.sched_setscheduler(0, policy, parameters)
+
+
 def encoder_quality(output_format, quality):
     """The encoder's quality setting that looks like JPEG at `quality` (the scale
     every profile and URL speaks), read from QUALITY_EQUIVALENTS."""
@@ -2389,8 +2476,10 @@ def _save(image, output_format, spec, quality, palette=False):
             codec, speed = AVIF_TINY_ENCODER
         # one thread: renders already run side by side, one a core; 4:2:0 for grey
         # images too, as SVT-AV1 cannot encode monochrome (4:0:0)
-        image.save(buffer, "AVIF", quality=encoder_quality("avif", quality), codec=codec,
-                   speed=speed, max_threads=1, subsampling="4:2:0", exif=exif)
+        with _own_scheduling():
+            image.save(buffer, "AVIF", quality=encoder_quality("avif", quality),
+                       codec=codec, speed=speed, max_threads=1, subsampling="4:2:0",
+                       exif=exif)
     else:
         image.save(buffer, "JPEG", quality=quality, optimize=True, exif=exif,
                    progressive=spec.progressive
