@@ -167,7 +167,9 @@ def test_the_cache_tier_caches_separates_variants_and_survives_backend_failures(
         assert get(auto, headers={"Accept": "image/webp,*/*"}).body == webp.body
         assert get(auto, headers={"Accept": "*/*"}).body == jpeg.body
     assert backends.requests_for(hinted) == 2
-    assert backends.requests_for(auto) == (3 if dynimg.AVIF_ENCODER else 2)
+    # three variants to the cache (takes AVIF and WebP, WebP only, neither), whatever
+    # the backend makes of them
+    assert backends.requests_for(auto) == 3
 
     # (c) revalidation through the cache
     again = get(url, headers={"If-None-Match": first.headers["ETag"]})
