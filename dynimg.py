@@ -2319,14 +2319,15 @@ def _fit_width(full, data, size, output_format, spec, quality, palette, deadline
     BUDGET_SCALE_STEPS encodes, the last (smallest) one is returned."""
     exponent = BYTES_BY_SCALE_EXPONENT
     high = (1.0, size)  # the narrowest scale known too large, and its bytes
-    best = None  # (scale, image, bytes): the widest known to fit
-    last = (data, full, size)
+    # (bytes, image) of the widest copy known to fit, at fitting_scale; until one
+    # fits, of the latest encode
+    fitting_scale, answer = 0.0, (data, full)
     for _ in range(BUDGET_SCALE_STEPS):
         if time.monotonic() > deadline or (
-                best and len(best[2]) >= spec.max_bytes * BUDGET_CLOSE_ENOUGH):
+                fitting_scale and len(answer[0]) >= spec.max_bytes * BUDGET_CLOSE_ENOUGH):
             break
         scale = high[0] * min(0.95, (spec.max_bytes * BUDGET_AIM / high[1]) ** (1 / exponent))
-        if best and scale <= best[0] * 1.02:  # no wider guess left between the two
+        if scale <= fitting_scale * 1.02:  # no wider guess left between the two
             break
         image = _scaled(full, scale)
         encoded = _save(image, output_format, spec, quality, palette)
@@ -2335,16 +2336,15 @@ def _fit_width(full, data, size, output_format, spec, quality, palette, deadline
             exponent = min(3.0, max(1.0, math.log(high[1] / len(encoded))
                                     / math.log(high[0] / scale)))
         if len(encoded) <= spec.max_bytes:
-            best = (scale, image, encoded)
+            fitting_scale, answer = scale, (encoded, image)
         else:
             high = (scale, len(encoded))
+            if not fitting_scale:
+                answer = (encoded, image)
             if min(image.size) <= 16:
-                last = (encoded, image, len(encoded))
                 break
-        last = (encoded, image, len(encoded))
-    if best:
-        return best[2], best[1], len(best[2])
-    return last
+    data, image = answer
+    return data, image, size if data is None else len(data)
 
 
 def _scaled(image, scale):
