@@ -19,6 +19,7 @@ variable or beside this file.
 """
 
 import argparse
+import base64
 import collections
 import configparser
 import contextlib
@@ -173,8 +174,16 @@ PARAMETERS = {
     "quality": "an integer from 1 to 100",
     "format": "one of " + ", ".join(FORMATS) + ", auto",
     "bg": "a hex colour such as fff or ffffff",
+    "placeholder": "one of 1, true, yes, 0, false, no",
     "sig": "a hex HMAC-SHA256 signature",
 }
+
+#: A placeholder's longest side and its quality (JPEG's scale). Measured on the
+#: corpus photos: at 24 px and 30, WebP takes 130-220 bytes and JPEG 350-410 (its
+#: tables alone are ~300); AVIF's container makes it 440-500 at any quality, so
+#: format=auto never picks AVIF for a placeholder. The browser blurs it anyway.
+PLACEHOLDER_SIDE = 24
+PLACEHOLDER_QUALITY = 30
 
 #: EXIF orientation -> the transpose that makes the image upright (1 needs none).
 ORIENTATIONS = {
@@ -405,6 +414,7 @@ DEFAULTS = {
         "stale_if_error": "86400",
         "error_max_age": "60",
         "health_details": "no",
+        "demo": "yes",
     },
     "cache": {
         "cache_dir": "/var/tmp/dynimg-cache",
@@ -504,6 +514,7 @@ class Config:
     stale_if_error: int
     error_max_age: int
     health_details: bool
+    demo: bool
     cache_dir: str
     cache_max_mb: int
     cache_fsync: bool
@@ -572,6 +583,7 @@ def load_config(path=None):
         stale_if_error=read.integer("server", "stale_if_error", 0),
         error_max_age=read.integer("server", "error_max_age", 0),
         health_details=BOOLEANS[read.choice("server", "health_details", BOOLEANS)],
+        demo=BOOLEANS[read.choice("server", "demo", BOOLEANS)],
         cache_dir=read.path("cache", "cache_dir"),
         cache_max_mb=read.integer("cache", "cache_max_mb", 1),
         cache_fsync=BOOLEANS[read.choice("cache", "fsync", BOOLEANS)],
@@ -895,6 +907,7 @@ class Spec:
     network: str = "default"
     dpr: float = 1.0
     vary: tuple = ()
+    placeholder: bool = False
 
 
 def parse_spec(request, config):
@@ -902,14 +915,21 @@ def parse_spec(request, config):
     params = _parse_query(request.query)
     check_signature(request, config)
     name, url = _request_source(request, params, config)
+    placeholder = _bool_param(params, "placeholder", False)
+    if placeholder:
+        # a placeholder shows the framing and nothing finer: the hints that choose a
+        # class, a density or a width cannot change it, so they are not read
+        request = dataclasses.replace(request, headers=types.MappingProxyType(
+            {"Accept": request.headers["Accept"]} if "Accept" in request.headers else {}))
     network, vary = _choose_network(params, request, config)
     profile = config.profiles[network]
     dpr, vary = _choose_dpr(params, request, profile, config, vary)
     width, height, vary = _choose_box(params, request, dpr, config, vary)
     fit = _choose_fit(params)
-    image_format, png_for_alpha, vary = _choose_format(params, request, config, vary)
+    image_format, png_for_alpha, vary = _choose_format(params, request, config, vary,
+                                                       placeholder)
     quality = _int_param(params, "quality", 1, 100, profile.quality)
-    return Spec(
+    spec = Spec(
         name=name, url=url, width=width, height=height, fit=fit,
         # checked whatever the fit (the plan uses it for cover and pad only)
         gravity=_choice_param(params, "gravity", GRAVITIES, "center"),
@@ -920,24 +940,38 @@ def parse_spec(request, config):
         bg=_colour_param(params, "bg", config.bg),
         keep_copyright=config.keep_copyright, png_palette=config.png_palette,
         network=network, dpr=dpr, vary=tuple(sorted(vary)))
+    if placeholder:
+        # a few hundred bytes: no budget to search, no scans, no copyright line, no
+        # PNG kept for alpha (see plan_output)
+        return dataclasses.replace(
+            spec, quality=PLACEHOLDER_QUALITY, min_quality=PLACEHOLDER_QUALITY, max_bytes=0,
+            progressive=False, png_for_alpha=False, keep_copyright=False,
+            vary=tuple(sorted(vary & {"Accept"})), placeholder=True)
+    return spec
 
 
-def _parse_query(query):
-    """Strict query parsing: aliases resolved; unknown, repeated and empty refused."""
+def _parse_query(query, accepted=PARAMETERS, aliases=ALIASES):
+    """Strict query parsing: aliases resolved; unknown and repeated names refused,
+    and values that are empty or longer than `accepted` allows (a description of
+    what a parameter takes, or (longest text, "" allowed) for /_html's texts)."""
     try:
         pairs = urllib.parse.parse_qsl(query, keep_blank_values=True, errors="strict")
     except UnicodeDecodeError:
         raise BadRequest("query: must be UTF-8 text") from None
     params = {}
     for raw_name, value in pairs:
-        name = ALIASES.get(raw_name, raw_name)
-        if name not in PARAMETERS:
+        name = aliases.get(raw_name, raw_name)
+        if name not in accepted:
             raise BadRequest(f"{_printable(raw_name)}: unknown parameter; accepted: "
-                             + ", ".join(sorted(PARAMETERS)))
+                             + ", ".join(sorted(accepted)))
         if name in params:
             raise BadRequest(f"{name}: given more than once")
-        if not value:
-            raise BadRequest(f"{name}: empty; must be {PARAMETERS[name]}")
+        takes = accepted[name]
+        longest, empty_allowed = takes if isinstance(takes, tuple) else (None, False)
+        if not value and not empty_allowed:
+            raise BadRequest(f"{name}: empty; must be {takes if longest is None else 'text'}")
+        if longest is not None and len(value) > longest:
+            raise BadRequest(f"{name}: at most {longest} characters")
         params[name] = value
     return types.MappingProxyType(params)
 
@@ -983,10 +1017,11 @@ def _choose_network(params, request, config):
     even when ECT decided): a cache that keeps one Vary list per URL (Apache's
     mod_cache, many CDNs) loses every variant stored under another list."""
     if "bandwidth" in params:
+        # default and save-data too: a URL that must get their answer whatever the
+        # hints (the demo's tiles are such URLs)
         network = params["bandwidth"]
-        if network not in config.profiles or network in ("default", "save-data"):
-            classes = [name for name in config.profiles if name not in ("default", "save-data")]
-            raise BadRequest("bandwidth: must be one of " + ", ".join(classes))
+        if network not in config.profiles:
+            raise BadRequest("bandwidth: must be one of " + ", ".join(config.profiles))
         return network, set()
     vary = {"Save-Data", "ECT", "Downlink"}
     if request.header("Save-Data")[1] in ("on", "?1"):
@@ -1061,16 +1096,20 @@ def _choose_fit(params):
     return fit or ("fill" if forcefit else "contain")
 
 
-def _choose_format(params, request, config, vary):
+def _choose_format(params, request, config, vary, placeholder=False):
     """(output format, whether an image with alpha goes out as PNG instead, vary):
-    format=auto negotiates with Accept (and varies on it)."""
+    format=auto negotiates with Accept (and varies on it); for a placeholder, among
+    the auto formats but AVIF (see PLACEHOLDER_SIDE)."""
     if params.get("format") != "auto":
         name = _choice_param(params, "format", FORMATS, config.format)
         if name not in AVAILABLE_FORMATS:
             raise BadRequest(f"format: {name} is not available on this server; one of "
                              + ", ".join(AVAILABLE_FORMATS) + ", auto")
         return name, False, vary
-    name = negotiate_format(request.header("Accept")[1] or "", config.auto_formats)
+    preferred = config.auto_formats
+    if placeholder:
+        preferred = tuple(name for name in preferred if name != "avif")
+    name = negotiate_format(request.header("Accept")[1] or "", preferred)
     return name, not FORMATS[name][2], vary | {"Accept"}
 
 
@@ -1691,10 +1730,25 @@ def plan_output(facts, spec, config):
         canvas = (spec.width or size[0], spec.height or size[1])
         across, down = GRAVITIES[spec.gravity]
         offset = (round((canvas[0] - size[0]) * across), round((canvas[1] - size[1]) * down))
+    if spec.placeholder:
+        size, canvas, offset = _placeholder_geometry(size, canvas, offset)
     output_format = "png" if spec.png_for_alpha and facts.alpha else spec.format
-    alpha = facts.alpha and FORMATS[output_format][2]
+    # a placeholder is flattened onto bg in any format: alpha would cost more bytes
+    # than the picture, and under a blur a background colour shows the same
+    alpha = facts.alpha and FORMATS[output_format][2] and not spec.placeholder
     uses_bg = (facts.alpha and not alpha) or canvas != size
     return Plan(facts.size, region, size, canvas, offset, output_format, alpha, uses_bg)
+
+
+def _placeholder_geometry(size, canvas, offset):
+    """The answer's geometry scaled down so the canvas's longest side is at most
+    PLACEHOLDER_SIDE: the same framing, a few hundred bytes."""
+    scale = PLACEHOLDER_SIDE / max(canvas)
+    if scale >= 1:
+        return size, canvas, offset
+    return (tuple(_whole_pixels(side * scale) for side in size),
+            tuple(_whole_pixels(side * scale) for side in canvas),
+            tuple(round(side * scale) for side in offset))
 
 
 def _contain(size, spec, limits):
@@ -2254,8 +2308,9 @@ def pad(image, job):
 
 
 def flatten(image, job):
-    """Put transparent pixels on bg where the output format has no alpha."""
-    if image.mode not in ("RGBA", "LA") or FORMATS[job.plan.format][2]:
+    """Put transparent pixels on bg where the output keeps no alpha (its format has
+    none, or it is a placeholder)."""
+    if image.mode not in ("RGBA", "LA") or job.plan.alpha:
         return image
     background = Image.new("RGB", image.size, "#" + job.spec.bg)
     background.paste(image, mask=image.getchannel("A"))
@@ -2565,7 +2620,7 @@ class ResultCache:
         self.written = 0
         self.last_prune = time.monotonic()
         self.pruning = threading.Lock()
-        self.write_failed = False
+        self.failures_logged = set()  # errnos already warned of, until a write succeeds
 
     def _folder_of(self, key):
         return os.path.join(self.folder, key[:2], key[2:4])
@@ -2630,13 +2685,18 @@ class ResultCache:
         except OSError as error:
             if temporary:
                 self._remove(temporary)
-            if not self.write_failed or error.errno != errno.ENOSPC:
-                log.warning("result cache write failed (%s): serving uncached", error)
-            self.write_failed = True
+            self._warn_once(error, "result cache write failed (%s): serving uncached")
             return
-        self.write_failed = False
+        self.failures_logged.clear()
         self.written += _disk_bytes(len(data))
         self._maybe_prune()
+
+    def _warn_once(self, error, message):
+        """Log a failure once per cause (its errno) until the cache works again: a
+        full or unwritable disk must not write a line per request."""
+        if error.errno not in self.failures_logged:
+            self.failures_logged.add(error.errno)
+            log.warning(message, error)
 
     @staticmethod
     def _temporary_in(folder):
@@ -2668,6 +2728,9 @@ class ResultCache:
     def _prune_in_background(self):
         try:
             self.prune()
+        except OSError as error:
+            self._warn_once(error, "cannot trim the result cache (%s): it may grow past "
+                                   "cache_max_mb")
         except Exception:
             log.exception("result cache pruning failed")
         finally:
@@ -2690,10 +2753,17 @@ class ResultCache:
     def prune(self):
         """Trim to PRUNE_TO of the bound in disk blocks, least recently used first;
         drop stale temporaries and empty folders; note the figures for /_health.
-        Removing a file being served is safe: the reader keeps its open descriptor."""
-        with _StripeLock(os.path.join(self.folder, ".locks", "prune"), 0) as locked:
+        Removing a file being served is safe: the reader keeps its open descriptor.
+
+        Returns the files removed, or None when another process is trimming; raises
+        OSError when the trimming lock cannot be opened (a lock file another user
+        made: the trim would never run)."""
+        lock = _StripeLock(os.path.join(self.folder, ".locks", "prune"), 0)
+        with lock as locked:
+            if lock.error:
+                raise lock.error
             if not locked:
-                return 0
+                return None
             files, removed = [], 0
             for path, entry, stat in self.entries():
                 if entry is None:
@@ -2769,21 +2839,25 @@ class ResultCache:
 
 class _StripeLock:
     """flock on one of a bounded set of lock files; gives up after `timeout` seconds
-    (then the caller goes on unlocked: a duplicate render beats a stuck request)."""
+    (then the caller goes on unlocked: a duplicate render beats a stuck request).
+
+    The file is opened read-only (flock needs no more), so a lock file another user
+    made, root running a command say, still locks for the server."""
 
     def __init__(self, path, timeout):
-        self.path, self.timeout, self.file = path, timeout, None
+        self.path, self.timeout, self.descriptor, self.error = path, timeout, None, None
 
     def __enter__(self):
         try:
             os.makedirs(os.path.dirname(self.path), exist_ok=True)
-            self.file = open(self.path, "a+b")
-        except OSError:
+            self.descriptor = os.open(self.path, os.O_RDONLY | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        except OSError as error:
+            self.error = error
             return False
         deadline = time.monotonic() + self.timeout
         while True:
             try:
-                fcntl.flock(self.file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+                fcntl.flock(self.descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 return True
             except BlockingIOError:
                 if time.monotonic() >= deadline:
@@ -2791,8 +2865,8 @@ class _StripeLock:
                 time.sleep(0.02)
 
     def __exit__(self, *exc_info):
-        if self.file:
-            self.file.close()  # closing releases the lock
+        if self.descriptor is not None:
+            os.close(self.descriptor)  # closing releases the lock
 
 
 # --- responses ----------------------------------------------------------------
@@ -2912,44 +2986,104 @@ def avif_build():
             "codecs": avif_codec.codec_versions()}
 
 
-#: The classes the demo page shows side by side, slowest first.
-DEMO_CLASSES = ("slow-2g", "2g", "3g", "4g", "wifi")
+#: The classes the demo page shows, one tile each: the two a browser gets without
+#: naming a class first, then the rest slowest first.
+DEMO_CLASSES = ("default", "save-data", "slow-2g", "2g", "3g", "4g", "wifi")
 
 #: Typical throughput of each class in kbit/s (the Network Information API's
-#: ECT figures; 4g and wifi are ordinary figures), for the demo's arrival times.
-TYPICAL_KBITS = {"slow-2g": 50, "2g": 70, "3g": 700, "4g": 4000, "wifi": 20000}
+#: ECT figures; 4g and wifi are ordinary figures), for the demo's arrival times
+#: and its replay. Save-Data is asked for on slow links: shown at 2g's; the default
+#: class (no hints: Firefox, Safari) at 4g's.
+TYPICAL_KBITS = {"slow-2g": 50, "2g": 70, "3g": 700, "4g": 4000, "wifi": 20000,
+                 "save-data": 70, "default": 4000}
 
 #: The hints the demo page itself reads (it shows what this browser selected).
 _DEMO_VARY = ("ECT", "Downlink", "Save-Data", "Sec-CH-DPR", "DPR", "Sec-CH-Viewport-Width",
               "Viewport-Width")
 
+#: The demo's magnified crop: a square of this many CSS px showing the middle of
+#: each image at twice the size it is shown at.
+DEMO_ZOOM = 240
 
 DEMO_PAGE = """<!doctype html>
 <html lang="en"><head><meta charset="utf-8">
 <meta name="viewport" content="width=device-width, initial-scale=1">
 <title>dynimg: {name} on every network</title>
 <style>
-body {{ font: 15px/1.4 system-ui, sans-serif; margin: 1.5em; color: #263238; }}
-main {{ display: flex; flex-wrap: wrap; gap: 1.2em; align-items: flex-start; }}
-figure {{ margin: 0; width: 300px; }}
-figure img {{ width: 300px; height: auto; background: #eceff1; display: block; }}
-figcaption {{ font-size: 13px; margin-top: .4em; }}
-figcaption code {{ font-size: 11px; word-break: break-all; }}
-#panel {{ background: #eceff1; padding: 1em; margin-bottom: 1.5em; }}
-.network {{ font-weight: bold; }}
+body {{ font: 15px/1.45 system-ui, sans-serif; margin: 1.2em; color: #263238; }}
+h1 {{ font-size: 1.4em; }}
+#yours {{ background: #eceff1; padding: .6em 1em; margin-bottom: 1.5em; overflow: auto; }}
+#yours img.own {{ float: right; width: 160px; height: auto; margin: 0 0 .5em 1em; }}
+.tile {{ display: flex; flex-wrap: wrap; gap: 1em; align-items: flex-start; margin: 0 0 2em;
+  padding: .6em; border: 3px solid transparent; }}
+.tile.selected {{ border-color: #ff6f00; background: #fff8e1; }}
+.tile img.shown {{ width: {width}px; max-width: 100%; height: auto; display: block;
+  background: #eceff1; }}
+.zoom {{ position: relative; overflow: hidden; width: {zoom}px; height: {zoom}px;
+  max-width: 100%; background: #eceff1; }}
+.zoom img {{ position: absolute; left: 50%; top: 50%; width: {zoomed}px; max-width: none;
+  transform: translate(-50%, -50%); }}
+figcaption {{ flex: 1 1 16em; font-size: 14px; }}
+figcaption a {{ font-size: 12px; overflow-wrap: anywhere; }}
+.network {{ font-weight: bold; font-size: 1.1em; }}
+.mark {{ color: #e65100; font-weight: bold; }}
+button {{ font: inherit; padding: .3em .8em; }}
 </style></head><body>
-<h1>{name}, {width} CSS px wide, as each network class receives it</h1>
-<section id="panel"><h2>Your browser</h2>
-<p>Without <code>bandwidth=</code> in the URL, dynimg reads your browser's client hints
-(ECT, Downlink, Save-Data, DPR, Viewport-Width). They selected:</p>
-{yours}
+<h1>{name} at {width} CSS px, as each network class receives it</h1>
+<section id="yours">
+<img class="own" src="{own}" alt="what this browser gets">
+<p>{explained}</p>
+<p>So this browser gets the <span class="network">{network}</span> answer, marked
+below. <button id="replay" type="button">See it arrive</button> replays every image at
+its class's typical speed.</p>
+<p>The picture here is what this browser was sent for the URL without
+<code>bandwidth=</code>: {yours}</p>
+<details><summary>The request headers this URL's answer varies on</summary>
+<p>{vary}</p></details>
 </section>
 <main>
 {figures}
 </main>
+<script>
+// the replay: each image's bytes fed to the browser as fast as its class's link
+// would bring them (kbit/s in data-kbits), so a progressive JPEG sharpens as it
+// arrives and other formats appear when whole
+async function replay(figure) {{
+  const images = figure.querySelectorAll("img");
+  const response = await fetch(images[0].currentSrc || images[0].src);
+  const bytes = new Uint8Array(await response.arrayBuffer());
+  const type = response.headers.get("Content-Type");
+  const bytesPerMs = Number(figure.dataset.kbits) / 8;
+  const clock = figure.querySelector(".clock");
+  const started = performance.now();
+  images.forEach(image => image.style.visibility = "hidden");
+  let shown = null;
+  const step = () => {{
+    const elapsed = performance.now() - started;
+    const got = Math.min(bytes.length, Math.floor(elapsed * bytesPerMs));
+    const url = URL.createObjectURL(new Blob([bytes.subarray(0, got)], {{type}}));
+    const probe = new Image();
+    probe.onload = () => {{
+      images.forEach(image => {{ image.src = url; image.style.visibility = "visible"; }});
+      if (shown) URL.revokeObjectURL(shown);
+      shown = url;
+    }};
+    probe.onerror = () => URL.revokeObjectURL(url);
+    probe.src = url;
+    clock.textContent = `${{(elapsed / 1000).toFixed(1)}} s: ${{got.toLocaleString()}} of ` +
+      `${{bytes.length.toLocaleString()}} bytes`;
+    if (got < bytes.length) setTimeout(step, 100);
+  }};
+  step();
+}}
+document.getElementById("replay").addEventListener("click", () =>
+  document.querySelectorAll(".tile").forEach(replay));
+// the width each image is drawn at, as laid out (the tests read it)
+addEventListener("load", () => document.querySelectorAll("img.shown").forEach(image =>
+  image.closest(".tile").dataset.shownWidth = image.getBoundingClientRect().width));
+</script>
 </body></html>
 """
-
 
 
 # --- WSGI application -----------------------------------------------------------
@@ -2973,7 +3107,8 @@ class App:
                                  config.max_waiting_renders)
         self.transforms = LRU(TRANSFORM_CACHE_SIZE)
         self.facts = LRU(FACTS_CACHE_SIZE)
-        self.pages = {"/_health": self.health_page, "/_demo": self.demo_page}
+        self.pages = {"/_health": self.health_page, "/_demo": self.demo_page,
+                      "/_html": self.html_page}
 
     def __call__(self, environ, start_response):
         """Build the request, answer it, start the response, log one line."""
@@ -3151,8 +3286,67 @@ class App:
                               ("Cache-Control", "no-store")),
                         json.dumps(body, indent=2).encode() + b"\n")
 
+    def html_page(self, request):
+        """The <img> markup for a name, as text (what `dynimg.py html` prints)."""
+        if self.config.signing_keys:
+            raise Forbidden("/_html is off while URLs must be signed: dynimg.py html signs")
+        params = _parse_query(request.query, MARKUP_PARAMETERS, aliases={})
+        if "name" not in params:
+            raise BadRequest("name: required, such as /_html?name=sunset.jpg")
+        try:
+            text = self.markup(check_name(params["name"]), params.get("sizes", DEFAULT_SIZES),
+                               params.get("alt", ""), request.script_name or "/images")
+        except HTTPError as error:
+            error.image = None  # a tool reading text gets the reason as text, not a picture
+            raise
+        return Response(200, (("Content-Type", "text/plain; charset=utf-8"),
+                              ("Cache-Control", "no-store")), text.encode())
+
+    def markup(self, name, sizes, alt, base, sign_with=None):
+        """A ready <img> for a source: srcset over the width ladder up to the source's
+        own width, sizes, width/height at its aspect, lazy loading, and its placeholder
+        inlined as a blurred background; the headers a page needs as a comment."""
+        query = "placeholder=1&format=webp"
+        if self.config.signing_keys:  # the server's own request, made with its own key
+            query += "&sig=" + sign("/" + name, query, self.config.signing_keys[0])
+        spec = parse_spec(Request(path="/" + name, query=query), self.config)
+        source = stat_source(spec, self.config)
+        produced = self.produce(spec, source, self.known_key(spec, source),
+                                lambda: open_source(spec, self.config))
+        with contextlib.closing(produced):
+            body = produced.body.read() if hasattr(produced.body, "read") else produced.body
+        placeholder = produced.entry
+        facts = self.facts.get(source.identity)
+        width, height = facts.size if facts else (placeholder.width, placeholder.height)
+        largest = min(width, self.config.max_width)
+        ladder = [step for step in self.config.width_steps if step < largest] + [largest]
+        shown = min(largest, _last_length(sizes) or 640)
+
+        def url(query):
+            query += "&dpr=1&format=auto"
+            if sign_with:
+                query += "&sig=" + sign("/" + name, query, sign_with)
+            return f"{base}/{urllib.parse.quote(name)}?{query}"
+
+        inline = base64.b64encode(body).decode()
+        return MARKUP.format(
+            name=name, width=width, height=height, origin=_origin(base),
+            hints=", ".join(CLIENT_HINTS),
+            policy=", ".join(f'ch-{hint.lower().removeprefix("sec-ch-")}=("{_origin(base)}")'
+                             for hint in CLIENT_HINTS),
+            delegate="; ".join(f"{hint.lower()} {_origin(base)}" for hint in CLIENT_HINTS),
+            src=html.escape(url(f"width={shown}")),
+            srcset=",\n       ".join(html.escape(url(f"width={step}")) + f" {step}w"
+                                     for step in ladder),
+            sizes=html.escape(sizes), alt=html.escape(alt), shown_width=shown,
+            shown_height=max(1, round(shown * height / width)),
+            background=_blurred_background(inline, placeholder.width, placeholder.height))
+
     def demo_page(self, request):
-        """An HTML page showing one image as each network class would receive it."""
+        """An HTML page showing one image as each network class would receive it, at
+        the CSS width asked, with a magnified crop and a replay of its arrival."""
+        if not self.config.demo:
+            raise NotFound("no such page")
         if self.config.signing_keys:
             # the demo renders any name and size: with signed URLs, it would bypass them
             raise Forbidden("the demo page is off while URLs must be signed")
@@ -3166,48 +3360,155 @@ class App:
         if image_format is not None:
             _choice_param(params, "format", {**FORMATS, "auto": None}, None)
         also = f"&format={image_format}" if image_format else ""
-        figures = [self._demo_figure(request, name, f"bandwidth={network}&width={width}{also}",
-                                     network) for network in DEMO_CLASSES
-                   if network in self.config.profiles]
-        yours = self._demo_figure(request, name, f"width={width}{also}", "yours", panel=True)
-        body = DEMO_PAGE.format(name=html.escape(name), width=width,
-                                figures="\n".join(figures), yours=yours).encode()
+        yours = self._demo_variant(request, name, f"width={width}{also}")
+        figures = [self._demo_figure(request, name, network, f"width={width}{also}",
+                                     yours[0].network)
+                   for network in DEMO_CLASSES if network in self.config.profiles]
+        body = DEMO_PAGE.format(
+            name=html.escape(name), width=width, zoom=min(DEMO_ZOOM, width),
+            zoomed=2 * width, network=html.escape(yours[0].network),
+            explained=_explain_hints(request, yours[0]),
+            own=html.escape(f"{request.script_name}/{urllib.parse.quote(name)}?width={width}"
+                            f"{also}"),
+            yours=_demo_caption(*yours, request, name, f"width={width}{also}"),
+            vary=html.escape(", ".join(yours[0].vary) or "none"),
+            figures="\n".join(figures)).encode()
         return Response(200, (("Content-Type", "text/html; charset=utf-8"),
                               ("Accept-CH", ", ".join(CLIENT_HINTS)),
                               ("Critical-CH", "ECT, Save-Data, Sec-CH-DPR"),
                               ("Vary", ", ".join(_DEMO_VARY)),
                               ("Cache-Control", "no-store")), body)
 
-    def _demo_figure(self, request, name, query, label, panel=False):
-        """One <figure>: the image URL and what the server sends for it (from the
-        result cache, or rendered like any request)."""
+    def _demo_variant(self, request, name, query):
+        """(spec, cache entry) of the image a URL gives this browser: from the result
+        cache, or rendered and kept like any request's."""
         spec = parse_spec(dataclasses.replace(request, path="/" + name, query=query),
                           self.config)
         source = stat_source(spec, self.config)
         produced = self.produce(spec, source, self.known_key(spec, source),
                                 lambda: open_source(spec, self.config))
         produced.close()
-        entry = produced.entry
-        seconds = entry.length * 8 / 1000 / TYPICAL_KBITS.get(spec.network, 4000)
-        facts = (f'<span class="network">{html.escape(spec.network)}</span>: '
-                 f'<span class="bytes">{entry.length:,}</span> bytes, '
-                 f'{entry.width}×{entry.height} px {entry.format.upper()}, '
-                 f'quality {entry.quality}, '
-                 f'~{seconds:.1f} s at {spec.network if spec.network in TYPICAL_KBITS else "4g"}')
-        if panel:
-            facts += (f'<br>dpr {spec.dpr:g}; this URL varies on: '
-                      f'{html.escape(", ".join(spec.vary) or "nothing")}')
+        return spec, produced.entry
+
+    def _demo_figure(self, request, name, network, query, selected):
+        """One tile: the class's image at the asked CSS width, its middle magnified,
+        and what was sent."""
+        query = f"bandwidth={network}&{query}"
+        spec, entry = self._demo_variant(request, name, query)
         url = html.escape(f"{request.script_name}/{urllib.parse.quote(name)}?{query}")
-        return (f'<figure id="{label}"><img src="{url}" alt="{label}">'
-                f'<figcaption><a href="{url}"><code>{url}</code></a><br>{facts}'
-                f'</figcaption></figure>')
+        chosen = " selected" if network == selected else ""
+        return (f'<figure class="tile{chosen}" id="{network}" '
+                f'data-kbits="{TYPICAL_KBITS.get(network, 4000)}">'
+                f'<img class="shown" src="{url}" alt="{network}">'
+                f'<div class="zoom"><img src="{url}" alt="{network}, magnified"></div>'
+                f'<figcaption>{_demo_caption(spec, entry, request, name, query)}'
+                f'{"<br><span class=mark>this browser&#39;s class</span>" if chosen else ""}'
+                f'<br><span class="clock"></span></figcaption></figure>')
+
+
+#: What `sizes` says when the caller gives none: as wide as the viewport, up to
+#: 640 CSS px.
+DEFAULT_SIZES = "(max-width: 640px) 100vw, 640px"
+
+#: /_html's parameters: the longest text each may have, and whether it may be
+#: empty (alt="" is right for a decorative image).
+MARKUP_PARAMETERS = {"name": (MAX_NAME_BYTES, False), "sizes": (1000, False),
+                     "alt": (1000, True)}
+
+MARKUP = """<!-- dynimg: {name}, {width}x{height}.
+  Chromium sends the client hints that choose the network class and density only
+  to origins that ask. The page's own response asks with the header
+    Accept-CH: {hints}
+  or, in its <head>,
+    <meta http-equiv="Accept-CH" content="{hints}">
+  Images on another origin than the page's also need the hints delegated to it:
+    Permissions-Policy: {policy}
+  or <meta http-equiv="Delegate-CH" content="{delegate}">
+  Firefox and Safari send no hints: srcset still gives them the width, and the
+  default class. -->
+<img src="{src}"
+  srcset="{srcset}"
+  sizes="{sizes}"
+  width="{shown_width}" height="{shown_height}" alt="{alt}" loading="lazy" decoding="async"
+  style="max-width: 100%; height: auto; background: {background}">
+"""
+
+
+def _last_length(sizes):
+    """The CSS px of a sizes attribute's last (default) entry, if it is in px."""
+    match = re.search(r"(\d+)px\s*$", sizes)
+    return int(match.group(1)) if match else None
+
+
+def _origin(base):
+    """scheme://host of an absolute base URL, else a stand-in for the image host."""
+    parts = urllib.parse.urlsplit(base)
+    return f"{parts.scheme}://{parts.netloc}" if parts.netloc else "https://IMAGE-HOST"
+
+
+def _blurred_background(inline_webp, width, height):
+    """A CSS background: the placeholder in an SVG that blurs it (a Gaussian blur,
+    its edges kept opaque), stretched over the image's box."""
+    svg = (f"<svg xmlns='http://www.w3.org/2000/svg' viewBox='0 0 {width} {height}' "
+           f"preserveAspectRatio='none'><filter id='b' color-interpolation-filters='sRGB'>"
+           f"<feGaussianBlur stdDeviation='1'/><feComponentTransfer><feFuncA type='table' "
+           f"tableValues='1 1'/></feComponentTransfer></filter><image width='{width}' "
+           f"height='{height}' preserveAspectRatio='none' filter='url(%23b)' "
+           f"href='data:image/webp;base64,{inline_webp}'/></svg>")
+    return f"center / 100% 100% no-repeat url(&quot;data:image/svg+xml,{svg}&quot;)"
+
+
+def _demo_caption(spec, entry, request, name, query):
+    """What was sent for one demo URL, in a line or two, and the URL itself."""
+    kbits = TYPICAL_KBITS.get(spec.network, 4000)
+    seconds = entry.length * 8 / 1000 / kbits
+    url = html.escape(f"{request.script_name}/{urllib.parse.quote(name)}?{query}")
+    # the link may break at its parameters, never inside a number
+    shown = url.replace("&amp;", "<wbr>&amp;")
+    return (f'<span class="network">{html.escape(spec.network)}</span>: '
+            f'<span class="bytes">{entry.length:,}</span> bytes, '
+            f'{entry.width}×{entry.height} px {entry.format.upper()}, quality {entry.quality}; '
+            f'arrives in ~{seconds:.1f} s at {kbits:,} kbit/s'
+            f'<br><a href="{url}">{shown}</a>')
+
+
+def _explain_hints(request, spec):
+    """This browser's client hints in plain words: what it said, and what dynimg made
+    of it."""
+    said = []
+    if request.header("Save-Data")[1] in ("on", "?1"):
+        said.append("it asks to save data")
+    ect = request.header("ECT")[1]
+    if ect:
+        said.append(f"its connection is like {html.escape(_printable(ect)[:16])}")
+    downlink = request.header("Downlink")[1]
+    if downlink and not ect:
+        said.append(f"its downlink is {html.escape(_printable(downlink)[:16])} Mbit/s")
+    dpr = request.header("Sec-CH-DPR", "DPR")[1]
+    if dpr:
+        said.append(f"its screen has {html.escape(_printable(dpr)[:16])} device pixels "
+                    "per CSS pixel")
+    viewport = request.header("Sec-CH-Viewport-Width", "Viewport-Width")[1]
+    if viewport:
+        said.append(f"its window is {html.escape(_printable(viewport)[:16])} CSS px wide")
+    if not said:
+        return ("This browser sent no client hints (Firefox and Safari never do; Chromium "
+                "sends them once a page asks, as this one does). Without them, and without "
+                "<code>bandwidth=</code> in the URL, an image gets the default class.")
+    return ("This browser's client hints say " + "; ".join(said)
+            + f". dynimg made that class {html.escape(spec.network)}, density "
+              f"{spec.dpr:g}.")
 
 
 def create_app(path=None):
     """The app for a config file (DYNIMG_CONFIG, else the dynimg.ini beside this
     module), with logging set up from it: what dynimg.wsgi and the command line run.
     A bad value raises ConfigError naming the section and key."""
-    config = load_config(path)
+    return app_for(load_config(path))
+
+
+def app_for(config):
+    """The app for a loaded config, with logging set up from it."""
     configure_logging(config)
     tune_malloc()
     return App(config)
@@ -3241,26 +3542,65 @@ def main(argv=None):
     serve.add_argument("--port", type=int, default=8000)
     commands.add_parser("check", help="check the config and exit")
     sign_command = commands.add_parser("sign", help="print a signed URL")
-    sign_command.add_argument("url", help='such as "/images/sunset.jpg?width=300"')
+    sign_command.add_argument("url", help='the URL, or its path and query, such as '
+                              '"/images/sunset.jpg?width=300"')
     sign_command.add_argument("--mount", default="/images", help="where the app is mounted")
     cache = commands.add_parser("cache", help="the result cache: stats, purge NAME, prune")
     cache.add_argument("action", choices=("stats", "purge", "prune"))
     cache.add_argument("name", nargs="?", help="with purge: the source whose variants go")
+    html_command = commands.add_parser("html", help="print an <img> for a source: srcset, "
+                                       "sizes, width/height, an inline placeholder")
+    html_command.add_argument("name", help="the source's name under image_root")
+    html_command.add_argument("--sizes", default=DEFAULT_SIZES, help="the sizes attribute "
+                              f'(default "{DEFAULT_SIZES}")')
+    html_command.add_argument("--alt", default="", help="the alt text")
+    html_command.add_argument("--base", default="/images", help="the URL the app is mounted "
+                              "at, such as https://img.example.com/images")
     render_command = commands.add_parser("render", help="run the pipeline on one image offline")
-    render_command.add_argument("name")
+    render_command.add_argument("name", help="a file, or a name under image_root")
     render_command.add_argument("-o", "--output", required=True)
     for option in ("width", "height", "fit", "gravity", "quality", "format", "bandwidth",
                    "screensize", "dpr", "bg"):
         render_command.add_argument("--" + option)
     render_command.add_argument("--forcefit", action="store_true")
     render_command.add_argument("--upscale", action="store_true")
+    render_command.add_argument("--placeholder", action="store_true")
     args = parser.parse_args(argv)
     try:
-        app = create_app(args.config)
+        config = load_config(args.config)
     except ConfigError as error:
         print(f"dynimg: {error}", file=sys.stderr)
         return 2
-    return COMMANDS[args.command](args, app)
+    if args.command in CACHE_WRITERS:
+        refusal = _become_cache_owner(config, args.command)
+        if refusal:
+            print(f"dynimg: {refusal}", file=sys.stderr)
+            return 2
+    return COMMANDS[args.command](args, app_for(config))
+
+
+#: Commands that write into the result cache, which must stay the server's.
+CACHE_WRITERS = ("serve", "cache", "html")
+
+
+def _become_cache_owner(config, command):
+    """Run as root, act as the owner of cache_dir (the server's user), so that no
+    file or folder made here is one the server cannot use; a reason to refuse when
+    that cannot be known (no cache_dir yet: it would be root's)."""
+    if os.geteuid() != 0 or not config.cache_dir:
+        return None
+    try:
+        owner = os.stat(config.cache_dir)
+    except FileNotFoundError:
+        return (f"as root, {command} would make {config.cache_dir} root's, and the server "
+                f"could not use it; run it as the server's user: runuser -u www-data -- "
+                f"{sys.executable} {' '.join(sys.argv)}")
+    if owner.st_uid == 0:
+        return None  # root's cache already: nothing here is the server's to spoil
+    os.setgroups([])
+    os.setgid(owner.st_gid)
+    os.setuid(owner.st_uid)
+    return None
 
 
 def _command_check(args, app):
@@ -3273,11 +3613,19 @@ def _command_sign(args, app):
     if not config.signing_keys:
         print("dynimg: no signing_key is set in [security]", file=sys.stderr)
         return 1
-    path, _, query = args.url.partition("?")
-    path = urllib.parse.unquote(path)
-    inside = path[len(args.mount):] if path.startswith(args.mount) else path
-    signature = sign(inside or "/", query, config.signing_keys[0])
-    print(f"{args.url}{'&' if query else '?'}sig={signature}")
+    parts = urllib.parse.urlsplit(args.url)
+    path = urllib.parse.unquote(parts.path)
+    mount = args.mount.rstrip("/")
+    if path != mount and not path.startswith(mount + "/"):
+        print(f"dynimg: sign needs the URL, or its path and query, as a browser asks for "
+              f"it: {mount}/sunset.jpg?width=300 (the path starts with the mount, {mount}; "
+              "--mount names another)", file=sys.stderr)
+        return 2
+    if "sig" in urllib.parse.parse_qs(parts.query):
+        print("dynimg: the URL is signed already (it has sig=)", file=sys.stderr)
+        return 2
+    signature = sign(path[len(mount):] or "/", parts.query, config.signing_keys[0])
+    print(f"{args.url}{'&' if parts.query else '?'}sig={signature}")
     return 0
 
 
@@ -3292,10 +3640,30 @@ def _command_cache(args, app):
             return 2
         print(f"removed {cache.purge(check_name(args.name))} cached variants of {args.name}")
     elif args.action == "prune":
-        print(f"removed {cache.prune()} files; bound {cache.max_bytes // 1048576} MiB")
+        try:
+            removed = cache.prune()
+        except OSError as error:
+            print(f"dynimg: cannot trim the result cache: {error}", file=sys.stderr)
+            return 1
+        if removed is None:
+            print("dynimg: another process is trimming the result cache now", file=sys.stderr)
+            return 1
+        print(f"removed {removed} files; bound {cache.max_bytes // 1048576} MiB")
     stats = cache.stats()
     print(f"{stats['dir']}: {stats['entries']} entries, {stats['bytes'] / 1048576:.1f} MiB "
           f"of {stats['max_bytes'] // 1048576} MiB")
+    return 0
+
+
+def _command_html(args, app):
+    keys = app.config.signing_keys
+    try:
+        print(app.markup(check_name(args.name), args.sizes, args.alt, args.base.rstrip("/"),
+                         sign_with=keys[0] if keys else None), end="")
+    except HTTPError as error:
+        print(f"dynimg: {error.status}: {error.message} ({args.name} under "
+              f"{app.config.image_root})", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -3326,26 +3694,36 @@ def _command_render(args, app):
               if name in PARAMETERS and name != "name" and value not in (None, False)}
     params.update({"forcefit": "1"} if args.forcefit else {})
     params.update({"upscale": "1"} if args.upscale else {})
-    request = Request(path="/" + args.name, query=urllib.parse.urlencode(params))
+    params.update({"placeholder": "1"} if args.placeholder else {})
+    # a file named on the command line, else a name under image_root as in a URL
+    path = args.name if os.path.isfile(args.name) else None
+    name = os.path.basename(args.name) if path else args.name
+    request = Request(path="/" + name, query=urllib.parse.urlencode(params))
     try:
         spec = parse_spec(request, app.config)
-        source = open_source(spec, app.config)
+        if path:
+            source = read_file_source(path, name, app.config)
+        else:
+            source = open_source(spec, app.config)
         started = time.perf_counter()
         rendered = render(source.data, spec, app.config, app.transforms)
     except HTTPError as error:
-        print(f"dynimg: {error.status}: {error.message}", file=sys.stderr)
+        where = "" if path else f" ({args.name} is neither a file nor a name under " \
+                                f"{app.config.image_root})"
+        print(f"dynimg: {error.status}: {error.message}"
+              f"{where if error.status == 404 else ''}", file=sys.stderr)
         return 1
     elapsed = (time.perf_counter() - started) * 1000
     with open(args.output, "wb") as output:
         output.write(rendered.data)
-    print(f"{spec.name}: {rendered.plan.source[0]}x{rendered.plan.source[1]} -> "
+    print(f"{args.name}: {rendered.plan.source[0]}x{rendered.plan.source[1]} -> "
           f"{rendered.width}x{rendered.height} {rendered.format} q{rendered.quality}, "
           f"{len(rendered.data)} bytes, {elapsed:.0f} ms -> {args.output}")
     return 0
 
 
 COMMANDS = {"serve": _command_serve, "check": _command_check, "render": _command_render,
-            "cache": _command_cache, "sign": _command_sign}
+            "cache": _command_cache, "sign": _command_sign, "html": _command_html}
 
 if __name__ == "__main__":
     sys.exit(main())

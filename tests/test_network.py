@@ -1,5 +1,6 @@
 """Network- and screen-aware delivery: classes, hints, byte budgets, Vary, the demo."""
 
+import contextlib
 import io
 import os
 import re
@@ -11,7 +12,7 @@ import pytest
 from PIL import Image
 
 import dynimg
-from conftest import PROJECT
+from conftest import PROJECT, write_config
 
 HINTS = ("ECT", "Downlink", "Save-Data", "Sec-CH-DPR", "Sec-CH-Viewport-Width", "Sec-CH-Width")
 
@@ -220,10 +221,31 @@ def test_demo_page_shows_every_class_and_asks_for_hints(app):
     assert reply.headers["Content-Type"].startswith("text/html")
     assert "ECT" in reply.headers["Accept-CH"]
     page = reply.text
-    for network in ("slow-2g", "2g", "3g", "4g", "wifi"):
-        assert f'<figure id="{network}">' in page
-    yours = page[page.index('<figure id="yours">'):]
-    assert '<span class="network">3g</span>' in yours[:yours.index("</figure>")]
+    for network in ("default", "save-data", "slow-2g", "2g", "3g", "4g", "wifi"):
+        assert f' id="{network}" ' in page
+        assert f"?bandwidth={network}&amp;width=400" in page
+    # the class this browser's hints chose is the one tile marked, and said in words
+    assert page.count('class="tile selected"') == 1
+    assert '<figure class="tile selected" id="3g" ' in page
+    yours = page[page.index('<section id="yours">'):page.index("</section>")]
+    assert '<span class="network">3g</span>' in yours
+    assert "its connection is like 3g" in yours
+
+
+def test_demo_tiles_are_rendered_once_then_come_from_the_result_cache(app):
+    first = app.request("/_demo", "name=photo-medium-2.jpg&width=300")
+    misses = app.dynimg.cache.counts["misses"]
+    again = app.request("/_demo", "name=photo-medium-2.jpg&width=300")
+    assert first.status == again.status == 200 and first.body == again.body
+    assert misses == 7 and app.dynimg.cache.counts["misses"] == misses
+
+
+def test_demo_can_be_turned_off(tmp_path, image_root):
+    config = dynimg.load_config(write_config(str(tmp_path), image_root,
+                                             server={"demo": "no"}))
+    off = dynimg.App(config)
+    response, _ = off.respond(dynimg.Request(path="/_demo", query="name=photo-medium-1.jpg"))
+    assert response.status == 404
 
 
 def test_demo_without_a_name_is_a_400(app):
@@ -232,8 +254,9 @@ def test_demo_without_a_name_is_a_400(app):
 
 def test_demo_tiles_ask_for_the_format_the_demo_was_asked(app):
     page = app.request("/_demo", "name=photo-medium-1.jpg&width=200&format=webp").text
-    # six tiles, each URL in the image, its link and the link's text
-    assert page.count("&amp;format=webp") == 6 * 3 and page.count(" px WEBP,") == 6
+    # seven tiles, each URL in the image, the magnified image, the link and its text;
+    # the panel's own image and its link
+    assert page.count("&amp;format=webp") == 7 * 4 + 3 and page.count(" px WEBP,") == 8
     assert app.request("/_demo", "name=photo-medium-1.jpg&format=gif").status == 400
     assert app.request("/_demo", "name=photo-medium-1.jpg&format=%3Cb%3E").status == 400
 
@@ -243,29 +266,35 @@ def test_demo_tiles_ask_for_the_format_the_demo_was_asked(app):
 CHROMIUM = "/usr/bin/chromium"
 
 
-def browse_demo(server, connection_type, url, query="width=640"):
-    """Load the demo in headless Chromium forced to a connection type; return the
-    panel's class and the log lines the server wrote meanwhile (once the line for
-    the panel's image, photo-large-3.jpg?QUERY, is among them)."""
+@contextlib.contextmanager
+def chromium_page(connection_type="4G", viewport=None):
+    """A page in headless Chromium (driven by Playwright), forced to a connection type."""
     playwright = pytest.importorskip("playwright.sync_api")
-    before = len(server.log())
     profile = tempfile.mkdtemp(prefix="dynimg-chromium-")
     try:
         with playwright.sync_playwright() as driver:
             browser = driver.chromium.launch_persistent_context(
-                profile, executable_path=CHROMIUM, headless=True, args=[
+                profile, executable_path=CHROMIUM, headless=True, viewport=viewport, args=[
                     "--headless", "--no-sandbox", "--disable-gpu",
                     "--disable-background-networking", "--disable-component-update",
                     "--no-first-run", "--disable-quic", "--disable-sync",
                     f"--force-effective-connection-type={connection_type}"])
             try:
-                page = browser.new_page()
-                page.goto(url, wait_until="load")
-                panel = page.inner_text("#yours .network")
+                yield browser.new_page()
             finally:
                 browser.close()
     finally:
         shutil.rmtree(profile, ignore_errors=True)
+
+
+def browse_demo(server, connection_type, url, query="width=640"):
+    """Load the demo in headless Chromium forced to a connection type; return the
+    panel's class and the log lines the server wrote meanwhile (once the line for
+    the panel's image, photo-large-3.jpg?QUERY, is among them)."""
+    before = len(server.log())
+    with chromium_page(connection_type) as page:
+        page.goto(url, wait_until="load")
+        panel = page.inner_text("#yours .network")
     # the server writes each log line just after its response: wait for the image's
     deadline = time.monotonic() + 10
     while f"GET /photo-large-3.jpg?{query} " not in server.log()[before:] \
@@ -308,7 +337,8 @@ def test_chromium_asking_format_auto_receives_avif(server):
     # every tile and the panel's image went out as AVIF, said the server's log
     lines = re.findall(r"GET /photo-large-3\.jpg\?(\S*format=auto) 200 \d+ bytes net=\S+ "
                        r"type=(\S+)", log)
-    assert len({query for query, _ in lines}) == 6, log[-2000:]
+    # seven tiles and the panel's own image
+    assert len({query for query, _ in lines}) == 8, log[-2000:]
     assert {media for _, media in lines} == {"image/avif"}
     # and no encoder banner reached Apache's error log
     assert "Svt[info]" not in server.log() and "SVT [version]" not in server.log()
@@ -325,3 +355,45 @@ def test_chromium_asking_format_auto_receives_avif(server):
 def test_jpegs_are_progressive_only_where_the_link_is_slow(app, query, progressive):
     image = app.request("/photo-large-2.jpg", query).image()
     assert bool(image.info.get("progressive")) == progressive
+
+
+@pytest.mark.parametrize("connection_type, expected", [("3G", "3g"), ("2G", "2g")])
+def test_chromium_draws_each_demo_tile_at_the_asked_width_and_marks_its_class(
+        server, connection_type, expected):
+    need_chromium()
+    url = f"http://127.0.0.1:{server.port}/images/_demo?name=photo-medium-2.jpg&width=560"
+    with chromium_page(connection_type, viewport={"width": 1400, "height": 900}) as page:
+        page.goto(url, wait_until="load")
+        tiles = page.eval_on_selector_all(".tile", "tiles => tiles.map(tile => ["
+                                          "tile.id, tile.dataset.shownWidth, "
+                                          "tile.classList.contains('selected'), "
+                                          "tile.querySelector('img.shown').naturalWidth])")
+        panel = page.inner_text("#yours .network")
+    assert [tile[0] for tile in tiles] == list(dynimg.DEMO_CLASSES)
+    assert {float(tile[1]) for tile in tiles} == {560.0}  # as laid out by the browser
+    assert all(tile[3] > 0 for tile in tiles)  # every image arrived and decoded
+    assert panel == expected and [tile[0] for tile in tiles if tile[2]] == [expected]
+
+
+def test_chromium_shows_the_html_snippets_placeholder_until_the_image_comes(server):
+    need_chromium()
+    base = f"http://127.0.0.1:{server.port}/images"
+    markup = server.get("/images/_html?name=photo-large-2.jpg&sizes=400px").text
+    markup = markup.replace('src="/images/', f'src="{base}/')
+    markup = markup.replace("       /images/", f"       {base}/")
+    with chromium_page("4G", viewport={"width": 800, "height": 700}) as page:
+        # the images never come: what shows is the placeholder alone
+        page.route("**/photo-large-2.jpg?*", lambda route: route.abort())
+        page.set_content(f"<body style='margin:0'>{markup}</body>")
+        page.wait_for_timeout(300)
+        shot = Image.open(io.BytesIO(page.locator("img").screenshot()))
+        page.unroute("**/photo-large-2.jpg?*")
+        eager = markup.replace('loading="lazy"', "")
+        page.set_content(f"<body style='margin:0'>{eager}</body>")
+        page.wait_for_function("document.querySelector('img').complete")
+        loaded = page.eval_on_selector("img", "image => [image.naturalWidth, image.currentSrc]")
+    # a blurred picture of the photo: not blank, not one colour
+    assert shot.size[0] == 400
+    extremes = shot.convert("L").getextrema()
+    assert extremes[1] - extremes[0] > 40, extremes
+    assert loaded[0] >= 400 and "&format=auto" in loaded[1] and "&dpr=1" in loaded[1]

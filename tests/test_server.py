@@ -216,10 +216,12 @@ def test_render_command_runs_the_pipeline_offline(tmp_path):
     assert Image.open(output).size == (340, 400)
 
 
-def test_serve_command_serves_the_samples_with_wsgiref():
+def test_serve_command_serves_the_samples_with_wsgiref(tmp_path):
     port = free_port()
+    config = write_config(str(tmp_path), os.path.join(PROJECT, "samples"))
     process = subprocess.Popen(
-        [sys.executable, os.path.join(PROJECT, "dynimg.py"), "serve", "--port", str(port)],
+        [sys.executable, os.path.join(PROJECT, "dynimg.py"), "--config", config, "serve",
+         "--port", str(port)],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         deadline = time.monotonic() + 30
