@@ -30,7 +30,7 @@ AVIF ?= yes
 
 RUN_AS := $(if $(filter 0,$(shell id -u)),--user www-data --group www-data)
 
-.PHONY: serve test bench soak setup debs avif access clean
+.PHONY: serve test bench soak screenshots setup debs avif access clean
 
 serve: setup
 	@$(VENV)/bin/python dynimg.py check
@@ -68,12 +68,18 @@ bench: setup .venv-bench/.ready
 	$(VENV)/bin/python bench/delivery.py
 	$(VENV)/bin/python bench/encoding.py
 	$(VENV)/bin/python bench/throughput.py
+	taskset -c 1 $(VENV)/bin/python bench/placeholders.py
 
 # Memory of the daemon processes under MINUTES of uncached renders.
 MINUTES ?= 10
 soak: setup
 	scripts/setup debs wrk
 	$(VENV)/bin/python bench/soak.py --minutes $(MINUTES)
+
+# The demo page's pictures in docs/, remade in headless Chromium.
+screenshots: setup
+	scripts/setup debs chromium
+	$(VENV)/bin/python scripts/screenshots
 
 # libvips and thumbor for the comparisons live in their own venv, never in the
 # runtime one.
