@@ -369,6 +369,17 @@ def test_chromium_draws_each_demo_tile_at_the_asked_width_and_marks_its_class(
                                           "tile.classList.contains('selected'), "
                                           "tile.querySelector('img.shown').naturalWidth])")
         panel = page.inner_text("#yours .network")
+        # "See it arrive": the wifi image replays in a fraction of a second, to its
+        # last byte, the slow-2g one is still arriving
+        page.click("#replay")
+        page.wait_for_function("/ ([\\d,]+) of \\1 bytes/.test("
+                               "document.querySelector('#wifi .clock').textContent)",
+                               timeout=10000)
+        slow = page.inner_text("#slow-2g .clock")
+    assert re.match(r"\d+\.\d s: [\d,]+ of [\d,]+ bytes", slow)
+    got, total = (int(number.replace(",", ""))
+                  for number in re.findall(r"([\d,]+) (?:of|bytes)", slow))
+    assert got < total, slow
     assert [tile[0] for tile in tiles] == list(dynimg.DEMO_CLASSES)
     assert {float(tile[1]) for tile in tiles} == {560.0}  # as laid out by the browser
     assert all(tile[3] > 0 for tile in tiles)  # every image arrived and decoded
