@@ -3547,7 +3547,8 @@ def main(argv=None):
     sign_command.add_argument("--mount", default="/images", help="where the app is mounted")
     cache = commands.add_parser("cache", help="the result cache: stats, purge NAME, prune")
     cache.add_argument("action", choices=("stats", "purge", "prune"))
-    cache.add_argument("name", nargs="?", help="with purge: the source whose variants go")
+    cache.add_argument("name", nargs="?", help="with purge: the source whose variants go "
+                       "(a name under image_root, or a url= source's URL)")
     html_command = commands.add_parser("html", help="print an <img> for a source: srcset, "
                                        "sizes, width/height, an inline placeholder")
     html_command.add_argument("name", help="the source's name under image_root")
@@ -3638,7 +3639,10 @@ def _command_cache(args, app):
         if not args.name:
             print("dynimg: cache purge needs the source's name", file=sys.stderr)
             return 2
-        print(f"removed {cache.purge(check_name(args.name))} cached variants of {args.name}")
+        # a remote source goes by its URL, as url= gave it; a file by its name
+        remote = args.name.startswith(("http://", "https://"))
+        source = args.name if remote else check_name(args.name)
+        print(f"removed {cache.purge(source)} cached variants of {args.name}")
     elif args.action == "prune":
         try:
             removed = cache.prune()

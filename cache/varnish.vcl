@@ -3,9 +3,23 @@ vcl 4.1;
 #
 #   varnishd -a :80 -f /etc/varnish/dynimg.vcl -s malloc,1G
 #
-# Edit the backend lines below: one per dynimg host. Requests are spread
-# round-robin over the healthy ones; a failed fetch is retried on the next.
+# Edit the backend lines below (one per dynimg host, each added to the director
+# in vcl_init) and the dynimg_purgers ACL.
+#
+# Requests are routed by the source image they name, not spread round-robin:
+# every variant of one source is rendered on one backend, so that backend's
+# result cache holds each of them once and the others never decode that source.
+# While a backend is down its sources go to the next backend on the ring (only
+# its share moves), and they come back when the probe sees it healthy again. A
+# failed fetch is retried on the next backend.
+#
+# Every cached variant of one source is dropped with a BAN request naming the
+# source in either URL form, from an address in dynimg_purgers:
+#
+#   curl -X BAN http://127.0.0.1/images/photos/cat.jpg
+#   curl -X BAN 'http://127.0.0.1/images/?url=https://origin.example/cat.jpg'
 
+import blob;
 import directors;
 import std;
 
@@ -33,13 +47,85 @@ backend dynimg2 {
     .first_byte_timeout = 60s;
 }
 
+backend dynimg3 {
+    .host = "127.0.0.1";
+    .port = "8003";
+    .probe = dynimg_health;
+    .connect_timeout = 1s;
+    .first_byte_timeout = 60s;
+}
+
+# Who may send BAN: the hosts your purge scripts run on.
+acl dynimg_purgers {
+    "127.0.0.1";
+    "::1";
+}
+
 sub vcl_init {
-    new dynimg = directors.round_robin();
+    # A consistent-hashing ring: a backend's place on it comes from its name
+    # here, not its address, so every Varnish with this file routes alike and
+    # moving a backend to another address moves none of its sources.
+    new dynimg = directors.shard();
     dynimg.add_backend(dynimg1);
     dynimg.add_backend(dynimg2);
+    dynimg.add_backend(dynimg3);
+}
+
+# The source a request names, in X-Dynimg-Source: the path after /images/ (the
+# path form), else the name= or url= parameter; percent-escapes decoded and
+# written again one way, and a name's empty and "." parts dropped as dynimg drops
+# them, so every spelling of one source gives one value. It is the routing key,
+# and the mark a BAN matches. Unset when the request names no source.
+sub dynimg_source {
+    unset req.http.X-Dynimg-Source;
+    if (req.url ~ "^/images/[^_?]") {
+        set req.http.X-Dynimg-Source = regsub(req.url, "^/images/([^?]*).*$", "\1");
+    } elsif (req.url ~ "^/images/?\?(.*&)?(name|url)=[^&]") {
+        set req.http.X-Dynimg-Source =
+            regsub(req.url, "^[^?]*\?(.*&)?(name|url)=([^&]*).*$", "\3");
+        # in a query "+" is a space
+        set req.http.X-Dynimg-Source = regsuball(req.http.X-Dynimg-Source, "\+", "%20");
+    } else {
+        return;
+    }
+    # Decoded and encoded again in one step (as RFC 3986 escapes, with no byte
+    # ever left raw in a header); a stray "%" is kept as it came, escaped.
+    if (req.http.X-Dynimg-Source ~ "^([^%]|%[0-9A-Fa-f]{2})*$") {
+        set req.http.X-Dynimg-Source = blob.transcode(decoding=URL, encoding=URL,
+            case=UPPER, encoded=req.http.X-Dynimg-Source);
+    } else {
+        set req.http.X-Dynimg-Source = blob.transcode(encoding=URL, case=UPPER,
+            encoded=req.http.X-Dynimg-Source);
+    }
+    if (req.url !~ "[?&]url=") {
+        # a name's slashes are now %2F: "a//./b.jpg" and "/a/b.jpg" are "a/b.jpg"
+        set req.http.X-Dynimg-Source = regsuball("%2F" + req.http.X-Dynimg-Source + "%2F",
+            "%2F(\.?%2F)+", "%2F");
+        set req.http.X-Dynimg-Source = regsub(req.http.X-Dynimg-Source,
+            "^%2F(.*?)(%2F)?$", "\1");
+    }
+    if (req.http.X-Dynimg-Source == "") {
+        unset req.http.X-Dynimg-Source;
+    }
 }
 
 sub vcl_recv {
+    call dynimg_source;
+    if (req.method == "BAN") {
+        if (client.ip !~ dynimg_purgers) {
+            return (synth(403, "Forbidden"));
+        }
+        if (!req.http.X-Dynimg-Source) {
+            return (synth(400, "Name the source: BAN /images/NAME, ?name=NAME or ?url=URL"));
+        }
+        # On a header of the stored object, not on req.url: one ban covers both
+        # URL forms and every parameter, and the ban lurker can drop the objects
+        # in the background instead of leaving each to its next lookup.
+        if (std.ban("obj.http.X-Dynimg-Source == " + req.http.X-Dynimg-Source)) {
+            return (synth(200, "Banned " + req.http.X-Dynimg-Source));
+        }
+        return (synth(400, std.ban_error()));
+    }
     if (req.method != "GET" && req.method != "HEAD") {
         return (pass);
     }
@@ -84,11 +170,21 @@ sub vcl_recv {
 }
 
 sub vcl_backend_fetch {
-    # chosen per fetch, so a retry goes to the next backend
-    set bereq.backend = dynimg.backend();
+    # Chosen per fetch, by the source (or, for the server's pages, the URL).
+    # alt=bereq.retries: a retry goes to the next healthy backend on this key's
+    # ring, the one the source moves to once the probe marks its owner sick, so
+    # in the seconds before the probe notices, its renders still land on one host.
+    if (bereq.http.X-Dynimg-Source) {
+        set bereq.backend = dynimg.backend(by=KEY,
+            key=dynimg.key(bereq.http.X-Dynimg-Source), alt=bereq.retries, healthy=ALL);
+    } else {
+        set bereq.backend = dynimg.backend(by=URL, alt=bereq.retries, healthy=ALL);
+    }
 }
 
 sub vcl_backend_response {
+    # the mark a BAN matches (dynimg ignores the request header)
+    set beresp.http.X-Dynimg-Source = bereq.http.X-Dynimg-Source;
     if (beresp.status >= 500) {
         # a failing backend is not remembered; the last good copy stays in grace
         return (abandon);
@@ -105,7 +201,18 @@ sub vcl_backend_error {
     }
 }
 
+sub vcl_synth {
+    # a BAN's answer is one line of text, not Varnish's error page
+    if (req.method == "BAN") {
+        set resp.http.Content-Type = "text/plain; charset=utf-8";
+        set resp.body = resp.reason + {"
+"};
+        return (deliver);
+    }
+}
+
 sub vcl_deliver {
+    unset resp.http.X-Dynimg-Source;
     if (obj.hits > 0) {
         set resp.http.X-Cache = "hit";
     } else {

@@ -216,10 +216,11 @@ def stop(process):
 class ModWsgiExpress:
     """A real mod_wsgi-express (Apache) serving dynimg.wsgi under /images."""
 
-    def __init__(self, config_path, processes=2, threads=16, front_cache=False):
-        """front_cache: with the shipped apache/cache.conf (Apache's cache) in front."""
+    def __init__(self, config_path, processes=2, threads=16, front_cache=False, port=None):
+        """front_cache: with the shipped apache/cache.conf (Apache's cache) in front.
+        port: a stopped server's, to start it again where it was (its log goes on)."""
         self.folder = os.path.dirname(config_path)
-        self.port = free_port()
+        self.port = port or free_port()
         self.log_path = os.path.join(self.folder, "server.log")
         command = [os.path.join(VENV_BIN, "mod_wsgi-express"), "start-server",
                    os.path.join(PROJECT, "dynimg.wsgi"), "--host", "127.0.0.1",
@@ -234,7 +235,7 @@ class ModWsgiExpress:
         if front_cache:
             command += ["--include-file", self._front_cache()]
         env = dict(os.environ, DYNIMG_CONFIG=config_path, DYNIMG_HOME=PROJECT)
-        with open(self.log_path, "w") as log:
+        with open(self.log_path, "a") as log:
             self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
                                             env=env, start_new_session=True)
         wait_for(self.port, "/images/_health", self.process, self.log_path)

@@ -1,11 +1,12 @@
 """The cache tier, for real: varnishd and nginx with the shipped cache/ configs in
-front of two mod_wsgi-express backends on 127.0.0.1."""
+front of three mod_wsgi-express backends on 127.0.0.1."""
 
 import os
 import re
 import shutil
 import subprocess
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
@@ -17,15 +18,30 @@ from conftest import (IS_ROOT, PROJECT, ModWsgiExpress, free_port, http_request,
 MAX_AGE = 3
 
 
-class Backends:
-    """Two dynimg backends sharing one image root, each with its own log."""
+#: The backends' ports in the shipped configs, in order; the tests put theirs there.
+CONFIG_PORTS = ("8001", "8002", "8003")
 
-    def __init__(self, image_root):
-        self.folders = [shared_tempdir("dynimg-backend-") for _ in range(2)]
-        self.servers = [ModWsgiExpress(write_config(folder, image_root,
-                                                    server={"cache_max_age": str(MAX_AGE)}),
-                                       processes=1, threads=4)
+#: One request line of dynimg's log: path, query, status and result-cache hit or not.
+LOG_LINE = re.compile(r"(?:GET|HEAD) (\S*)\?(\S*) (\d{3}) \d+ bytes .* cache=(\S+) key=")
+
+
+class Backends:
+    """As many dynimg backends as the shipped configs name, sharing one image root,
+    each with its own log and result cache."""
+
+    def __init__(self, image_root, count=len(CONFIG_PORTS)):
+        self.folders = [shared_tempdir("dynimg-backend-") for _ in range(count)]
+        self.configs = [write_config(folder, image_root,
+                                     server={"cache_max_age": str(MAX_AGE)})
                         for folder in self.folders]
+        # side by side: each takes a second or so to come up
+        with ThreadPoolExecutor(count) as pool:
+            starting = [pool.submit(ModWsgiExpress, config, processes=1, threads=4)
+                        for config in self.configs]
+        self.servers = [future.result() for future in starting if not future.exception()]
+        if len(self.servers) < count:
+            self.close()
+            raise next(future.exception() for future in starting if future.exception())
 
     @property
     def ports(self):
@@ -37,9 +53,24 @@ class Backends:
         line = re.compile(rf"GET {re.escape(path)}\?{re.escape(query)} \d{{3}} ")
         return sum(len(line.findall(server.log())) for server in self.servers)
 
+    def rendered(self):
+        """{"/images" + path?query: indexes of the backends that rendered it}: the
+        image 200s their logs show, not answered from their result caches."""
+        where = {}
+        for index, server in enumerate(self.servers):
+            for path, query, status, cache in LOG_LINE.findall(server.log()):
+                if status == "200" and cache == "-" and not path.startswith("/_"):
+                    where.setdefault(f"/images{path}?{query}", set()).add(index)
+        return where
+
     def stop(self, index=None):
         for server in self.servers if index is None else [self.servers[index]]:
             server.stop()
+
+    def start(self, index):
+        """Start a stopped backend again, on its port, with its config and cache."""
+        self.servers[index] = ModWsgiExpress(self.configs[index], processes=1, threads=4,
+                                             port=self.servers[index].port)
 
     def close(self):
         self.stop()
@@ -53,8 +84,9 @@ def varnish_front(folder, ports):
         pytest.fail("varnishd is not installed (make test installs it)")
     with open(os.path.join(PROJECT, "cache", "varnish.vcl")) as source:
         vcl = source.read()
-    for default, port in zip(('"8001"', '"8002"'), ports):
-        vcl = vcl.replace(f".port = {default};", f'.port = "{port}";')
+    for default, port in zip(CONFIG_PORTS, ports, strict=True):
+        assert f'.port = "{default}";' in vcl, f"no backend on port {default} in the VCL"
+        vcl = vcl.replace(f'.port = "{default}";', f'.port = "{port}";')
     vcl_path = os.path.join(folder, "dynimg.vcl")
     with open(vcl_path, "w") as file:
         file.write(vcl)
@@ -76,8 +108,9 @@ def nginx_front(folder, ports):
     cache = os.path.join(folder, "cache")
     os.makedirs(cache)
     os.chmod(cache, 0o777)
-    for default, backend in zip(("127.0.0.1:8001", "127.0.0.1:8002"), ports):
-        conf = conf.replace(f"server {default} ", f"server 127.0.0.1:{backend} ")
+    for default, backend in zip(CONFIG_PORTS, ports, strict=True):
+        assert f"server 127.0.0.1:{default} " in conf, f"no server on port {default}"
+        conf = conf.replace(f"server 127.0.0.1:{default} ", f"server 127.0.0.1:{backend} ")
     conf = conf.replace("listen 8080;", f"listen 127.0.0.1:{port};")
     conf = conf.replace("/var/cache/nginx/dynimg", cache)
     with open(os.path.join(folder, "dynimg.conf"), "w") as file:
@@ -106,34 +139,48 @@ http {{
     return port, [binary, "-c", main, "-e", os.path.join(folder, "error.log")]
 
 
+class Tier:
+    """Backends behind a real front (varnishd or nginx) with the shipped config:
+    `get` asks the front, `port` is where it listens."""
+
+    def __init__(self, kind, image_root):
+        self.kind = kind
+        self.backends = Backends(image_root)
+        self.folder = shared_tempdir(f"dynimg-{kind}-")
+        self.port, command = {"varnish": varnish_front, "nginx": nginx_front}[kind](
+            self.folder, self.backends.ports)
+        log_path = os.path.join(self.folder, "front.log")
+        with open(log_path, "w") as log:
+            self.front = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
+                                          start_new_session=True)
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                if self.get("/images/_health", timeout=5).status == 200:
+                    break
+            except OSError:
+                pass
+            if self.front.poll() is not None or time.monotonic() > deadline:
+                with open(log_path) as log:
+                    output = log.read()
+                self.close()
+                pytest.fail(f"{kind} did not start:\n{output}")
+            time.sleep(0.2)
+
+    def get(self, path, **kwargs):
+        return http_request(self.port, path, **kwargs)
+
+    def close(self):
+        stop(self.front)
+        self.backends.close()
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
 @pytest.fixture(params=["varnish", "nginx"])
 def tier(request, image_root):
-    backends = Backends(image_root)
-    folder = shared_tempdir(f"dynimg-{request.param}-")
-    port, command = {"varnish": varnish_front, "nginx": nginx_front}[request.param](
-        folder, backends.ports)
-    log_path = os.path.join(folder, "front.log")
-    with open(log_path, "w") as log:
-        front = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
-                                 start_new_session=True)
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            if http_request(port, "/images/_health", timeout=5).status == 200:
-                break
-        except OSError:
-            pass
-        if front.poll() is not None or time.monotonic() > deadline:
-            with open(log_path) as log:
-                output = log.read()
-            stop(front)
-            backends.close()
-            pytest.fail(f"{request.param} did not start:\n{output}")
-        time.sleep(0.2)
-    yield lambda path, **kwargs: http_request(port, path, **kwargs), backends
-    stop(front)
-    backends.close()
-    shutil.rmtree(folder, ignore_errors=True)
+    front = Tier(request.param, image_root)
+    yield front.get, front.backends
+    front.close()
 
 
 def test_the_cache_tier_caches_separates_variants_and_survives_backend_failures(tier):

@@ -497,3 +497,14 @@ def test_signature_checking_never_fails_other_than_with_an_http_error(signed_app
     with pytest.raises(dynimg.HTTPError) as raised:
         dynimg.check_signature(dynimg.Request.from_environ(environ), config)
     assert raised.value.status in (400, 403)
+
+
+def test_cache_purge_takes_a_remote_sources_url(remote_app, origin):
+    app = remote_app()
+    url = f"http://127.0.0.1:{origin}/photo.jpg"
+    for width in (100, 120):
+        assert remote(app, url, f"width={width}").status == 200
+    result = subprocess.run([sys.executable, os.path.join(PROJECT, "dynimg.py"), "--config",
+                             app.config.path, "cache", "purge", url],
+                            capture_output=True, text=True)
+    assert result.returncode == 0 and f"removed 2 cached variants of {url}" in result.stdout

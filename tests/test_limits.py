@@ -411,7 +411,8 @@ def test_error_pictures_and_demo_tiles_wait_for_a_slot_and_are_cached(hostile_ap
     assert again.status == 404 and again.body == first.body
     assert demo_again.status == 200 and demo_again.body == demo.body
     assert other_name.status == 404 and other_name.body == first.body
-    assert app.dynimg.cache.counts["misses"] == 1 + 6  # the picture, the demo's six tiles
+    # the picture, and the demo's seven tiles (its own image, without hints, is the default one)
+    assert app.dynimg.cache.counts["misses"] == 1 + 7
 
 
 def test_a_render_that_finds_the_queue_full_is_turned_away_at_once(hostile_app):
