@@ -32,8 +32,9 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 PROJECT = os.path.dirname(HERE)
 sys.path.insert(0, HERE)
 
-from measure import corpus_dir, corpus_files  # noqa: E402
-from throughput import free_port, start, stop, wait_for  # noqa: E402
+from measure import corpus_files  # noqa: E402
+from throughput import (dynimg_config, express_command, free_port, start,  # noqa: E402
+                        stop, wait_for)
 
 #: Backends' ports in the shipped VCL, in order; each run puts its own there.
 VCL_PORTS = ("8001", "8002", "8003")
@@ -72,18 +73,8 @@ def start_backend(folder, port):
     cache = os.path.join(folder, "cache")
     os.makedirs(cache)
     os.chmod(cache, 0o777)
-    config = os.path.join(folder, "dynimg.ini")
-    with open(config, "w") as ini:
-        ini.write(f"[server]\nimage_root = {corpus_dir()}\nlog_level = INFO\n"
-                  f"not_found_image = {PROJECT}/404image.png\n"
-                  f"error_image = {PROJECT}/errorimage.png\n[cache]\ncache_dir = {cache}\n")
-    command = [os.path.join(PROJECT, ".venv", "bin", "mod_wsgi-express"), "start-server",
-               os.path.join(PROJECT, "dynimg.wsgi"), "--host", "127.0.0.1", "--port", str(port),
-               "--mount-point", "/images", "--processes", "2", "--threads", "16",
-               "--max-clients", "64", "--server-root", os.path.join(folder, "apache"),
-               "--log-to-terminal"]
-    if os.geteuid() == 0:
-        command += ["--user", "www-data", "--group", "www-data"]
+    config = dynimg_config(folder, cache, log_level="INFO")
+    command = express_command(port, os.path.join(folder, "apache")) + ["--log-to-terminal"]
     log = open(os.path.join(folder, "server.log"), "w")
     process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
                                env=dict(os.environ, DYNIMG_CONFIG=config),

@@ -24,8 +24,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 PROJECT = os.path.dirname(HERE)
 sys.path.insert(0, HERE)
 
-from measure import corpus_dir  # noqa: E402
-from throughput import free_port, start, stop, wait_for  # noqa: E402
+from throughput import (dynimg_config, express_command, free_port, start,  # noqa: E402
+                        stop, wait_for)
 
 #: Every request a render: the large photos in turn, each at a width of its own.
 SOAK_SCRIPT = """
@@ -66,17 +66,8 @@ def main():
     folder = tempfile.mkdtemp(prefix="dynimg-soak-")
     os.chmod(folder, 0o755)
     port = free_port()
-    config = os.path.join(folder, "dynimg.ini")
-    with open(config, "w") as ini:
-        ini.write(f"[server]\nimage_root = {corpus_dir()}\nlog_level = WARNING\n"
-                  f"not_found_image = {PROJECT}/404image.png\n"
-                  f"error_image = {PROJECT}/errorimage.png\n[cache]\ncache_dir =\n")
-    command = [os.path.join(PROJECT, ".venv", "bin", "mod_wsgi-express"), "start-server",
-               os.path.join(PROJECT, "dynimg.wsgi"), "--host", "127.0.0.1", "--port", str(port),
-               "--mount-point", "/images", "--processes", "2", "--threads", "16",
-               "--max-clients", "64", "--server-root", os.path.join(folder, "apache")]
-    if os.geteuid() == 0:
-        command += ["--user", "www-data", "--group", "www-data"]
+    config = dynimg_config(folder, "")
+    command = express_command(port, os.path.join(folder, "apache"))
     server = start(command, dict(os.environ, DYNIMG_CONFIG=config))
     try:
         wait_for(f"http://127.0.0.1:{port}/images/_health")

@@ -94,22 +94,36 @@ def start(command, env=None):
                             env=env, start_new_session=True)
 
 
+def dynimg_config(folder, cache_dir, log_level="WARNING"):
+    """A dynimg.ini in folder for the corpus, with this result cache ("" for none)."""
+    config = os.path.join(folder, "dynimg.ini")
+    with open(config, "w") as ini:
+        ini.write(f"[server]\nimage_root = {corpus_dir()}\nlog_level = {log_level}\n"
+                  f"not_found_image = {PROJECT}/404image.png\n"
+                  f"error_image = {PROJECT}/errorimage.png\n[cache]\ncache_dir = {cache_dir}\n")
+    return config
+
+
+def express_command(port, server_root, processes=2, threads=16):
+    """mod_wsgi-express serving dynimg as `make serve` runs it (Apache's user when
+    started as root)."""
+    command = [os.path.join(PROJECT, ".venv", "bin", "mod_wsgi-express"), "start-server",
+               os.path.join(PROJECT, "dynimg.wsgi"), "--host", "127.0.0.1", "--port", str(port),
+               "--mount-point", "/images", "--processes", str(processes),
+               "--threads", str(threads), "--max-clients", "64", "--server-root", server_root]
+    if os.geteuid() == 0:
+        command += ["--user", "www-data", "--group", "www-data"]
+    return command
+
+
 def start_dynimg(folder, port, processes=2, threads=16, front_cache=False):
     """mod_wsgi-express on `port`; servers started on one folder share its result cache."""
     cache = os.path.join(folder, "cache")
     os.makedirs(cache, exist_ok=True)
     os.chmod(cache, 0o777)
-    config = os.path.join(folder, "dynimg.ini")
-    with open(config, "w") as ini:
-        ini.write(f"[server]\nimage_root = {corpus_dir()}\nlog_level = WARNING\n"
-                  f"not_found_image = {PROJECT}/404image.png\n"
-                  f"error_image = {PROJECT}/errorimage.png\n[cache]\ncache_dir = {cache}\n")
-    server_root = os.path.join(folder, f"apache-{port}")
-    command = [os.path.join(PROJECT, ".venv", "bin", "mod_wsgi-express"), "start-server",
-               os.path.join(PROJECT, "dynimg.wsgi"), "--host", "127.0.0.1", "--port", str(port),
-               "--mount-point", "/images", "--processes", str(processes),
-               "--threads", str(threads), "--max-clients", "64", "--server-root", server_root,
-               "--url-alias", "/static", cache]
+    config = dynimg_config(folder, cache)
+    command = express_command(port, os.path.join(folder, f"apache-{port}"), processes,
+                              threads) + ["--url-alias", "/static", cache]
     if front_cache:
         front = os.path.join(folder, f"htcache-{port}")
         os.makedirs(front)
@@ -118,9 +132,7 @@ def start_dynimg(folder, port, processes=2, threads=16, front_cache=False):
             conf.write(f"Define DYNIMG_CACHE_ROOT {front}\n"
                        f"Include {PROJECT}/apache/cache.conf\n")
         command += ["--include-file", include]
-    if os.geteuid() == 0:
-        command += ["--user", "www-data", "--group", "www-data"]
-        if front_cache:
+        if os.geteuid() == 0:
             shutil.chown(front, "www-data", "www-data")
     process = start(command, dict(os.environ, DYNIMG_CONFIG=config))
     wait_for(f"http://127.0.0.1:{port}/images/_health")
