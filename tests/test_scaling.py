@@ -56,7 +56,7 @@ class Variants:
 
     def __init__(self, front):
         self.front = front
-        self.widths = itertools.count(100)
+        self.counter = itertools.count()
         self.forms = itertools.cycle(FORMS)
         # nginx hashes ?name= as sent (it cannot decode a query value), so its slashes
         # are sent as slashes there; Varnish decodes, so they go as %2F
@@ -64,11 +64,14 @@ class Variants:
 
     def url(self, source, form):
         """(url, headers) of a variant of source not asked for before."""
-        width = next(self.widths)
+        # a width below every source's own (wider ones would all be the source's own
+        # size: one image, a result-cache hit), and a quality, together new each time
+        number = next(self.counter)
+        query = f"width={100 + number % 280}&quality={20 + number // 280 % 80}"
         if form == "query":
             name = urllib.parse.quote(source, safe=self.safe)
-            return f"/images/?name={name}&width={width}", {}
-        return f"/images/{source}?width={width}", {"ECT": "2g"} if form == "hint" else {}
+            return f"/images/?name={name}&{query}", {}
+        return f"/images/{source}?{query}", {"ECT": "2g"} if form == "hint" else {}
 
     def ask_each(self, rounds=1):
         """`rounds` new variants of every source, interleaved, each form in turn; every
@@ -84,8 +87,15 @@ class Variants:
     def owners(self, asked):
         """{source: the backends that rendered the variants asked for it}, checking
         that each variant was rendered exactly once."""
+        urls = list(itertools.chain(*asked.values()))
+        # each backend writes a request's log line just after its answer: on a busy
+        # machine the last lines can come a little after the answers
+        deadline = time.monotonic() + 10
         rendered = self.front.backends.rendered()
-        for url in itertools.chain(*asked.values()):
+        while any(url not in rendered for url in urls) and time.monotonic() < deadline:
+            time.sleep(0.1)
+            rendered = self.front.backends.rendered()
+        for url in urls:
             assert len(rendered.get(url, ())) == 1, f"{url} rendered on {rendered.get(url)}"
         return {source: set().union(*(rendered[url] for url in urls))
                 for source, urls in asked.items()}
