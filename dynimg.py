@@ -3316,8 +3316,11 @@ class App:
         with contextlib.closing(produced):
             body = produced.body.read() if hasattr(produced.body, "read") else produced.body
         placeholder = produced.entry
-        facts = self.facts.get(source.identity)
-        width, height = facts.size if facts else (placeholder.width, placeholder.height)
+        # known by now (the placeholder's key needed them); probed again if evicted
+        facts = self.facts.get(source.identity, lambda: self._probe(source))
+        if isinstance(facts, Unprocessable):
+            raise facts
+        width, height = facts.size
         largest = min(width, self.config.max_width)
         ladder = [step for step in self.config.width_steps if step < largest] + [largest]
         shown = min(largest, _last_length(sizes) or 640)
