@@ -77,6 +77,28 @@ def test_a_placeholder_of_a_transparent_source_and_of_a_missing_one(app):
     assert missing.status == 404 and max(missing.image().size) == dynimg.PLACEHOLDER_SIDE
 
 
+def corpus_names():
+    folder = os.environ.get("DYNIMG_CORPUS", os.path.join(PROJECT, "..", "shared", "corpus"))
+    return sorted(name for name in os.listdir(folder) if not name.endswith((".tsv", ".md"))) \
+        if os.path.isdir(folder) else []
+
+
+@pytest.mark.parametrize("name", corpus_names())
+def test_every_corpus_file_gives_a_placeholder_and_markup_or_a_clear_refusal(app, name):
+    query = "format=auto&fit=cover&width=300&height=200"
+    placeholder = app.request("/" + name, "placeholder=1&" + query, headers=WEBP_CLIENT)
+    assert placeholder.status in (200, 422), placeholder.status
+    if placeholder.status == 200:
+        # the answer's own framing (a small source is not upscaled), at most 24 px long
+        full = app.request("/" + name, query, headers=WEBP_CLIENT).image().size
+        scale = min(1, dynimg.PLACEHOLDER_SIDE / max(full))
+        expected = tuple(max(1, round(side * scale)) for side in full)
+        assert len(placeholder.body) <= 300 and placeholder.image().size == expected
+    markup = app.request("/_html", "name=" + urllib.parse.quote(name))
+    assert markup.status == placeholder.status
+    assert markup.headers["Content-Type"] == "text/plain; charset=utf-8"
+
+
 @pytest.mark.parametrize("query", ["placeholder=maybe", "placeholder=", "placeholder=1&placeholder=0"])
 def test_a_bad_placeholder_value_is_a_400_naming_it(app, query):
     reply = app.request("/photo-medium-1.jpg", query)
