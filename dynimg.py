@@ -3362,18 +3362,17 @@ class App:
         image_format = params.get("format")
         if image_format is not None:
             _choice_param(params, "format", {**FORMATS, "auto": None}, None)
-        also = f"&format={image_format}" if image_format else ""
-        yours = self._demo_variant(request, name, f"width={width}{also}")
-        figures = [self._demo_figure(request, name, network, f"width={width}{also}",
+        query = f"width={width}&format={image_format}" if image_format else f"width={width}"
+        yours = self._demo_variant(request, name, query)
+        figures = [self._demo_figure(request, name, network, query,
                                      yours[0].network)
                    for network in DEMO_CLASSES if network in self.config.profiles]
         body = DEMO_PAGE.format(
             name=html.escape(name), width=width, zoom=min(DEMO_ZOOM, width),
             zoomed=2 * width, network=html.escape(yours[0].network),
             explained=_explain_hints(request, yours[0]),
-            own=html.escape(f"{request.script_name}/{urllib.parse.quote(name)}?width={width}"
-                            f"{also}"),
-            yours=_demo_caption(*yours, request, name, f"width={width}{also}"),
+            own=_demo_url(request, name, query),
+            yours=_demo_caption(*yours, request, name, query),
             vary=html.escape(", ".join(yours[0].vary) or "none"),
             figures="\n".join(figures)).encode()
         return Response(200, (("Content-Type", "text/html; charset=utf-8"),
@@ -3398,7 +3397,7 @@ class App:
         and what was sent."""
         query = f"bandwidth={network}&{query}"
         spec, entry = self._demo_variant(request, name, query)
-        url = html.escape(f"{request.script_name}/{urllib.parse.quote(name)}?{query}")
+        url = _demo_url(request, name, query)
         chosen = " selected" if network == selected else ""
         return (f'<figure class="tile{chosen}" id="{network}" '
                 f'data-kbits="{TYPICAL_KBITS.get(network, 4000)}">'
@@ -3461,11 +3460,16 @@ def _blurred_background(inline_webp, width, height):
     return f"center / 100% 100% no-repeat url(&quot;data:image/svg+xml,{svg}&quot;)"
 
 
+def _demo_url(request, name, query):
+    """An image URL on the demo page, escaped for HTML."""
+    return html.escape(f"{request.script_name}/{urllib.parse.quote(name)}?{query}")
+
+
 def _demo_caption(spec, entry, request, name, query):
     """What was sent for one demo URL, in a line or two, and the URL itself."""
     kbits = TYPICAL_KBITS.get(spec.network, 4000)
     seconds = entry.length * 8 / 1000 / kbits
-    url = html.escape(f"{request.script_name}/{urllib.parse.quote(name)}?{query}")
+    url = _demo_url(request, name, query)
     # the link may break at its parameters, never inside a number
     shown = url.replace("&amp;", "<wbr>&amp;")
     return (f'<span class="network">{html.escape(spec.network)}</span>: '
