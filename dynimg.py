@@ -76,7 +76,7 @@ except ImportError:
 VERSION = "0.1.0"
 
 #: Part of every image key; raise it whenever the same request would give other bytes.
-PROCESSING_VERSION = 2
+PROCESSING_VERSION = 3
 
 #: Output formats users may name: Pillow's format name, the media type, alpha support.
 FORMATS = {
@@ -1396,6 +1396,8 @@ class Job:
     transforms: object
     deadline: float
     max_render_bytes: int = 0
+    opened: Optional[tuple] = None  # upright size of the image opened, if not the source's
+    draft: bool = True  # a JPEG may decode at a reduced scale
 
 
 @dataclasses.dataclass(frozen=True)
@@ -1818,11 +1820,22 @@ def render(source_data, spec, config, transforms=None):
     fails after that is a bug of the server's own (500)."""
     started = time.perf_counter()
     image = open_image(source_data, config)
-    facts = facts_of(image)
+    return render_opened(image, facts_of(image), source_data, spec, config, transforms,
+                         started)
+
+
+def render_opened(image, facts, source_data, spec, config, transforms=None, started=None,
+                  draft=True):
+    """render() of an image already opened (a source, or a master standing in for
+    its source with the source's Facts; a master decodes at full scale, see
+    App._from_master)."""
+    started = time.perf_counter() if started is None else started
     plan = plan_output(facts, spec, config)
+    upright = image.size[::-1] if facts.orientation in (5, 6, 7, 8) else image.size
     job = Job(spec, facts, plan,
               LRU(TRANSFORM_CACHE_SIZE) if transforms is None else transforms,
-              time.monotonic() + config.max_render_seconds, config.max_render_mb * 1024 * 1024)
+              time.monotonic() + config.max_render_seconds, config.max_render_mb * 1024 * 1024,
+              upright, draft)
     animated, copyright_line = _is_animated(image), _copyright(image, spec)
     image = decode(image, job, source_data)
     decoded = time.perf_counter()
@@ -1914,7 +1927,7 @@ def decode(image, job, data):
     """Shrink-on-load (JPEG DCT scaling to about the planned scale), judge the cost,
     then decode. A broken file fails here, the one step that may: 422."""
     plan = job.plan
-    if image.format in ("JPEG", "MPO"):  # an MPO is a JPEG with more pictures after it
+    if image.format in ("JPEG", "MPO") and job.draft:  # an MPO: a JPEG, more pictures after
         left, top, right, bottom = plan.region
         # the whole source at the scale its region is shown at
         width = math.ceil(plan.source[0] * plan.size[0] / (right - left) * DRAFT_FACTOR)
@@ -2289,10 +2302,49 @@ def resize(image, job):
     plan = job.plan
     if image.size == plan.size and plan.region == (0, 0) + plan.source:
         return image
-    across, down = image.width / plan.source[0], image.height / plan.source[1]
+    (across, down), (pad_left, pad_top) = _decoded_scale(image, job)
     left, top, right, bottom = plan.region
     return image.resize(plan.size, Image.Resampling.LANCZOS, reducing_gap=REDUCING_GAP,
-                        box=(left * across, top * down, right * across, bottom * down))
+                        box=(pad_left + left * across, pad_top + top * down,
+                             pad_left + right * across, pad_top + bottom * down))
+
+
+def _decoded_scale(image, job):
+    """((across, down), (left, top)): how upright source pixels map onto the decoded
+    image. A JPEG decoded at 1/s is ceil(side / s) pixels, its last pixel only part
+    source: the source spans side / s of them, and its pixels sit at exactly 1/s.
+    Scaling by the decoded size instead stretched the picture by up to 7/8 pixel
+    across it, which scored up to 30 SSIMULACRA2 points lower on sharp photos. Where
+    orienting flipped an axis, that part pixel is at its start."""
+    width, height = job.plan.source
+    opened = job.opened or job.plan.source  # a master is smaller than its source
+    for scale in JPEG_SCALES:
+        if image.size == tuple(-(-side // scale) for side in opened):
+            flipped = FLIPPED_AXES[job.facts.orientation]
+            return (opened[0] / width / scale, opened[1] / height / scale), tuple(
+                (decoded - side / scale) if flip else 0.0
+                for decoded, side, flip in zip(image.size, opened, flipped))
+    return (image.width / width, image.height / height), (0.0, 0.0)
+
+
+#: The scales a JPEG decodes at (draft): 1/1, 1/2, 1/4 and 1/8.
+JPEG_SCALES = (1, 2, 4, 8)
+
+
+def _flipped_axes(transpose):
+    """(x, y): whether the upright image runs against the stored one on each axis,
+    found by where the stored image's last pixel lands."""
+    probe = Image.new("L", (2, 2))
+    probe.putpixel((1, 1), 1)
+    if transpose is not None:
+        probe = probe.transpose(transpose)
+    x, y = next((x, y) for x in (0, 1) for y in (0, 1) if probe.getpixel((x, y)))
+    return x == 0, y == 0
+
+
+#: EXIF orientation -> _flipped_axes of its transpose.
+FLIPPED_AXES = {orientation: _flipped_axes(ORIENTATIONS.get(orientation))
+                for orientation in range(1, 9)}
 
 
 def pad(image, job):
@@ -2543,6 +2595,111 @@ def _save(image, output_format, spec, quality, palette=False):
     return buffer.getvalue()
 
 
+# --- masters: a large source decoded once -------------------------------------
+#
+# A page asks for many variants of one photo (widths, classes, formats, densities),
+# and each miss used to decode the whole source again: 75-95 % of a render on a
+# large or progressive JPEG. A master is the source made small once (upright, sRGB,
+# MASTER_SIDE on its long side, a near-lossless JPEG) and kept in the result cache
+# beside the answers; later misses it has pixels enough for decode it instead.
+
+#: A master's longest side, in pixels. Answers made from a 2048 px master scored
+#: within 0.5 SSIMULACRA2 of the same answers made from the source, at every width
+#: a master may serve (bench/masters.py).
+MASTER_SIDE = 2048
+
+#: A master's JPEG quality (with full-resolution chroma): what its answers lose to
+#: it is below what a person can see (bench/masters.py).
+MASTER_QUALITY = 95
+
+#: An answer is made from the master only where the master has at least this many
+#: pixels across the shown region for each pixel of the answer, on both axes.
+MASTER_MARGIN = 1.0
+
+#: Sources below this many pixels get no master: they decode in a few ms.
+MASTER_MIN_PIXELS = 6_000_000
+
+#: Baseline JPEGs decode fast with DCT scaling: below this many pixels a master
+#: saves nothing (bench/masters.py); progressive ones and other formats pay from
+#: MASTER_MIN_PIXELS.
+MASTER_MIN_BASELINE_PIXELS = 12_000_000
+
+#: A master's JPEG comment: the upright size of its source, which the plans of the
+#: answers made from it need (a remote source's may be known from nothing else).
+MASTER_COMMENT = re.compile(rb"dynimg master of ([0-9]{1,6})x([0-9]{1,6})")
+
+
+def master_key(identity):
+    """The cache key of a source's master: its identity and how masters are made, so a
+    changed source, or a change of MASTER_SIDE or quality, makes a new one."""
+    fields = {"master": [MASTER_SIDE, MASTER_QUALITY, PROCESSING_VERSION],
+              "source": list(identity)}
+    return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:32]
+
+
+def master_pays(image, facts):
+    """Whether a source (opened, not decoded) is worth a master: large, opaque, one
+    frame, and slow to decode (see MASTER_MIN_BASELINE_PIXELS)."""
+    pixels = facts.size[0] * facts.size[1]
+    if facts.alpha or pixels < MASTER_MIN_PIXELS or _is_animated(image):
+        return False
+    if image.format in ("JPEG", "MPO") and not (image.info.get("progressive")
+                                                or image.info.get("progression")):
+        return pixels >= MASTER_MIN_BASELINE_PIXELS
+    return True
+
+
+def master_size(facts):
+    """A master's size for a source with these Facts."""
+    scale = min(1.0, MASTER_SIDE / max(facts.size))
+    return tuple(_whole_pixels(side * scale) for side in facts.size)
+
+
+def master_serves(plan, size):
+    """Whether a master of this size has pixels enough for the planned answer."""
+    left, top, right, bottom = plan.region
+    across = (right - left) * size[0] / plan.source[0]
+    down = (bottom - top) * size[1] / plan.source[1]
+    return across >= plan.size[0] * MASTER_MARGIN and down >= plan.size[1] * MASTER_MARGIN
+
+
+def make_master(image, facts, source_data, config, transforms):
+    """A source's master as JPEG bytes, from the source opened (not decoded): the
+    same decode and pipeline as any render, so orientation, colour profiles and the
+    memory limit apply; its copyright line is kept for the answers that keep it."""
+    size = master_size(facts)
+    plan = Plan(facts.size, (0, 0) + facts.size, size, size, (0, 0), "jpeg", False, False)
+    job = Job(MASTER_SPEC, facts, plan, transforms,
+              time.monotonic() + config.max_render_seconds, config.max_render_mb * 1024 * 1024)
+    copyright_line = _copyright(image, MASTER_SPEC)
+    image = decode(image, job, source_data)
+    for step in PIPELINE:
+        image = step(image, job)
+    buffer = io.BytesIO()
+    image.save(buffer, "JPEG", quality=MASTER_QUALITY, subsampling="4:4:4",
+               exif=_copyright_exif(copyright_line) if copyright_line else b"",
+               comment=b"dynimg master of %dx%d" % facts.size)
+    return buffer.getvalue()
+
+
+def open_master(data, config):
+    """(image opened, the Facts of its source) of a master's bytes; Unprocessable if
+    they are not a master."""
+    image = open_image(data, config)
+    found = MASTER_COMMENT.fullmatch(image.info.get("comment") or b"")
+    if image.format != "JPEG" or not found:
+        raise Unprocessable("not a master")
+    # a master is upright and opaque already: nothing of the source's EXIF applies
+    return image, Facts((int(found[1]), int(found[2])), False, 1)
+
+
+#: The spec a master is made with: its own size, near-lossless, the copyright kept.
+MASTER_SPEC = Spec(name="", width=None, height=None, fit="fill", gravity="center",
+                   upscale=False, format="jpeg", png_for_alpha=False, quality=MASTER_QUALITY,
+                   min_quality=MASTER_QUALITY, max_bytes=0, progressive=False, bg="ffffff",
+                   keep_copyright=True)
+
+
 # --- result cache -------------------------------------------------------------
 
 #: A hit refreshes its entry's mtime (the LRU clock) at most this often, in seconds.
@@ -2713,9 +2870,16 @@ class ResultCache:
             os.close(descriptor)
             return temporary
 
-    def lock(self, key):
-        """A cross-process lock for one key, so one render makes it and others wait."""
-        return _StripeLock(os.path.join(self.folder, ".locks", key[:3]), self.lock_timeout)
+    def lock(self, key, kind=""):
+        """A cross-process lock for one key, so one render makes it and others wait.
+        Masters lock apart from answers (kind "m"): a render holding its answer's
+        lock may wait for its master's, and the two must never be one lock file."""
+        return _StripeLock(os.path.join(self.folder, ".locks", kind + key[:3]),
+                           self.lock_timeout)
+
+    def remove(self, entry):
+        """Remove one entry (one that must not be served)."""
+        return self._remove(os.path.join(self._folder_of(entry.key), entry.name))
 
     def _maybe_prune(self):
         due = (self.written > self.max_bytes * (1 - PRUNE_TO)
@@ -3201,7 +3365,7 @@ class App:
         if produced is None:
             with self.cache.lock(key):
                 # another process may have made it while we waited
-                produced = self._cached(key, source) or self._render(spec, read)
+                produced = self._cached(key, source) or self._render(spec, read, source)
         return produced
 
     def _cached(self, key, source):
@@ -3212,24 +3376,85 @@ class App:
         entry, file = hit
         return Produced(entry, file, source, True, CACHE_HIT_TIMING)
 
-    def _render(self, spec, read):
+    def _render(self, spec, read, stated=None):
         """Render in a render slot, keyed by the identity of the bytes actually read,
-        and keep the result. A remote source is fetched before the slot is taken (it
-        waits on its origin, not on a core); a file is read in the slot, so renders
-        waiting for one hold no source bytes."""
-        fetched = read() if spec.url else None
+        and keep the result. From the source's master where one is kept that has
+        pixels enough (then the source is not read at all); else from the source. A
+        remote source is fetched before the slot is taken (it waits on its origin, not
+        on a core); a file is read in the slot, so renders waiting for one hold no
+        source bytes."""
+        master = stated and self._kept_master(spec, stated)
+        fetched = read() if spec.url and not master else None
         with self.slots:
-            source = fetched or read()
-            rendered = render(source.data, spec, self.config, self.transforms)
+            if master:
+                source = stated
+                rendered = self._from_master(*master, spec, ("master", 0.0, "kept"))
+            else:
+                source = fetched or read()
+                rendered = self._render_source(source, spec)
         self.facts.put(source.identity, rendered.facts)
         key = image_key(spec, rendered.plan, source.identity)
         entry = CacheEntry.of(key, source_tag(spec.url or source.identity[0]), rendered)
         if self.cache is not None:
             self.cache.counts["misses"] += 1
             self.cache.store(entry, rendered.data)
-        timing = ", ".join(f"{name};dur={seconds * 1000:.1f}"
-                           for name, seconds in rendered.timings)
-        return Produced(entry, rendered.data, source, False, timing)
+        return Produced(entry, rendered.data, source, False, _server_timing(rendered.timings))
+
+    def _render_source(self, source, spec):
+        """Render from the source's bytes; where the source is worth a master and
+        the answer can come from one, make the master first (once across processes:
+        the master's lock) and render from it."""
+        image = open_image(source.data, self.config)
+        facts = facts_of(image)
+        if (self.cache is None or not master_pays(image, facts)
+                or not master_serves(plan_output(facts, spec, self.config), master_size(facts))):
+            return render_opened(image, facts, source.data, spec, self.config, self.transforms)
+        key = master_key(source.identity)
+        with self.cache.lock(key, "m"):
+            kept = self._kept_master(spec, source)
+            if kept:  # another process made it while we waited
+                return self._from_master(*kept, spec, ("master", 0.0, "kept"))
+            started = time.perf_counter()
+            data = make_master(image, facts, source.data, self.config, self.transforms)
+            self.cache.store(CacheEntry(key, source_tag(spec.url or source.identity[0]),
+                                        *master_size(facts), MASTER_QUALITY, False,
+                                        len(data), zlib.crc32(data), "jpeg"), data)
+            made = ("master", time.perf_counter() - started, "made")
+        log.info("made a master of %s, %dx%d, %d bytes, in %.0f ms", spec.url or source.path,
+                 *master_size(facts), len(data), made[1] * 1000)
+        return self._from_master(*open_master(data, self.config), data, spec, made)
+
+    def _kept_master(self, spec, stated):
+        """(image, Facts, bytes) of the master kept for this source, where there is
+        one with pixels enough for spec's answer; else None. A master that does not
+        open as one is removed (it cannot be trusted for any answer)."""
+        known = self.facts.get(stated.identity)
+        if self.cache is None or (isinstance(known, Facts)
+                                  and known.size[0] * known.size[1] < MASTER_MIN_PIXELS):
+            return None
+        hit = self.cache.lookup(master_key(stated.identity))
+        if hit is None:
+            return None
+        entry, file = hit
+        with file:
+            data = file.read()
+        try:
+            image, facts = open_master(data, self.config)
+        except Unprocessable:
+            log.warning("removing a cache file that is no master: %s", entry.name)
+            self.cache.remove(entry)
+            return None
+        if not master_serves(plan_output(facts, spec, self.config), image.size):
+            return None
+        return image, facts, data
+
+    def _from_master(self, image, facts, data, spec, timing):
+        # whole: decoded at 1/2 or 1/4 its 8x8 blocks show in flat skies (up to 2.6
+        # SSIMULACRA2 below the source's answer); whole, its answers score at or
+        # above the source's (bench/masters.py)
+        rendered = render_opened(image, facts, data, spec, self.config, self.transforms,
+                                 draft=False)
+        return dataclasses.replace(rendered, timings=rendered.timings + (timing,))
 
     def error_response(self, error, spec):
         """An HTTPError as a response: a line of text, or its picture fitted to the
@@ -3434,6 +3659,12 @@ MARKUP = """<!-- dynimg: {name}, {width}x{height}.
   width="{shown_width}" height="{shown_height}" alt="{alt}" loading="lazy" decoding="async"
   style="max-width: 100%; height: auto; background: {background}">
 """
+
+
+def _server_timing(timings):
+    """A Server-Timing value: (name, seconds) or (name, seconds, description) each."""
+    return ", ".join(f"{name};" + (f"desc={more[0]};" if more else "") + f"dur={seconds * 1000:.1f}"
+                     for name, seconds, *more in timings)
 
 
 def _last_length(sizes):

@@ -131,14 +131,14 @@ def test_temporary_files_of_a_killed_writer_are_not_served_and_are_pruned(cached
 def test_one_render_per_key_when_many_threads_ask_at_once(cached_app, monkeypatch):
     app, config = cached_app
     renders = []
-    original = dynimg.render
+    original = dynimg.render_opened
 
-    def counting(*args):
+    def counting(*args, **kwargs):
         renders.append(1)
         time.sleep(0.3)  # hold the lock long enough for the others to queue
-        return original(*args)
+        return original(*args, **kwargs)
 
-    monkeypatch.setattr(dynimg, "render", counting)
+    monkeypatch.setattr(dynimg, "render_opened", counting)
     with concurrent.futures.ThreadPoolExecutor(8) as pool:
         replies = list(pool.map(lambda _: app.request("/photo-large-3.jpg", "width=240"),
                                 range(8)))

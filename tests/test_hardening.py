@@ -374,15 +374,15 @@ def test_renders_beyond_the_slots_get_503_and_hits_do_not_wait(image_root, tmp_p
     assert app.request("/photo-medium-1.jpg", "width=99").status == 200  # now cached
     # the 404 picture fitted to width=99 is rendered and cached like any image
     assert app.request("/nothing.jpg", "width=99").status == 404
-    original = dynimg.render
+    original = dynimg.render_opened
     entered = threading.Event()
 
-    def slow(*args):
+    def slow(*args, **kwargs):
         entered.set()
         time.sleep(1.5)
-        return original(*args)
+        return original(*args, **kwargs)
 
-    monkeypatch.setattr(dynimg, "render", slow)
+    monkeypatch.setattr(dynimg, "render_opened", slow)
     with concurrent.futures.ThreadPoolExecutor(2) as pool:
         first = pool.submit(app.request, "/photo-medium-2.jpg", "width=98")
         entered.wait(5)
