@@ -1821,7 +1821,8 @@ def _cover(size, spec):
 def region_around(point, size, shown):
     """The region of `shown` size centred on `point` (fractions of `size`), as far as
     the image allows: moved inside it where the point is near an edge."""
-    left, top = (min(max(fraction * whole - part / 2, 0), max(whole - part, 0))
+    # floats throughout, as the other gravities' regions (the key writes 0.0, not 0)
+    left, top = (min(max(fraction * whole - part / 2, 0.0), max(whole - part, 0.0))
                  for fraction, whole, part in zip(point, size, shown))
     return (left, top, left + shown[0], top + shown[1])
 
