@@ -2389,7 +2389,7 @@ SMART_CENTRE = Image.radial_gradient("L").point(lambda distance: 255 - distance)
 def smart_focus(image, source):
     """gravity=smart: the point of the upright image that draws the eye, as fractions
     of its width and height: the maximum of a blurred map of edges, chroma and skin,
-    weighed towards the centre (libvips's attention strategy, plus the centre).
+    weighted towards the centre (libvips's attention strategy, plus the centre).
     Deterministic: the same image gives the same point."""
     scale = SMART_SIDE / max(source)
     grid = (max(1, round(source[0] * scale)), max(1, round(source[1] * scale)))
