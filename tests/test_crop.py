@@ -349,3 +349,23 @@ def test_focal_point_crops_and_refusals_over_http(server, image_root):
     assert holds(located(Image.open(io.BytesIO(reply.body)), upright(image_root, name)), subject)
     refused = server.get(f"/images/{name}?{TALL}&fit=cover&gravity=fp:1e999,0")
     assert refused.status == 400 and refused.body.startswith(b"gravity: must be")
+
+
+def corpus_names():
+    from conftest import corpus_dir, read_manifest
+    folder = corpus_dir()
+    if not os.path.exists(os.path.join(folder, "MANIFEST.tsv")):
+        return []
+    return [row["file"] for row in read_manifest(folder)]
+
+
+@pytest.mark.parametrize("name", corpus_names())
+def test_every_corpus_file_crops_smartly_or_fails_as_a_centre_crop_does(app, name):
+    """Any mode (grey, alpha, palette, 16-bit, CMYK), any shape: smart answers as
+    center does, with its box's size, or with the same 4xx."""
+    query = "width=120&height=300&fit=cover&format=png"
+    smart, centre = (app.request("/" + name, query + gravity)
+                     for gravity in ("&gravity=smart", ""))
+    assert smart.status == centre.status < 500
+    if smart.status == 200:
+        assert smart.image().size == centre.image().size
