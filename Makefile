@@ -70,6 +70,7 @@ bench: setup .venv-bench/.ready
 	$(VENV)/bin/python bench/encoding.py
 	$(VENV)/bin/python bench/throughput.py
 	taskset -c 1 $(VENV)/bin/python bench/placeholders.py
+	taskset -c 1 $(VENV)/bin/python bench/crops.py
 	$(VENV)/bin/python bench/sharding.py
 
 # Memory of the daemon processes under MINUTES of uncached renders.

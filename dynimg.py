@@ -53,8 +53,8 @@ import urllib.parse
 import zlib
 from typing import Optional
 
-from PIL import (Image, ImageCms, ImageMath, JpegImagePlugin, PngImagePlugin,
-                 UnidentifiedImageError)
+from PIL import (Image, ImageChops, ImageCms, ImageDraw, ImageFilter, ImageMath,
+                 JpegImagePlugin, PngImagePlugin, UnidentifiedImageError)
 
 # SVT-AV1 writes a banner to stderr (Apache's error log) on every encode unless
 # its log level says errors only; it reads this when an encoder starts.
@@ -151,6 +151,15 @@ GRAVITIES = {
     "southwest": (0.0, 1.0),
 }
 
+#: Gravities worked out from the image itself: `smart` keeps the point that draws
+#: the eye (found after decoding, see smart_focus), `fp:X,Y` centres on a point the
+#: URL gives. Both crop (cover); pad places their image as `center` does.
+GRAVITY_FORMS = ("smart", "fp:X,Y")
+
+#: gravity=fp:X,Y, each a fraction from 0 to 1 of the upright source's width and
+#: height, in ASCII decimals of at most 6 places (0, 1, 0.3, .25).
+FOCAL_POINT = re.compile(r"fp:([0-9]?\.?[0-9]{1,6}),([0-9]?\.?[0-9]{1,6})")
+
 #: Spellings accepted for boolean parameters and config values.
 BOOLEANS = {"1": True, "true": True, "yes": True, "on": True,
             "0": False, "false": False, "no": False, "off": False}
@@ -166,7 +175,8 @@ PARAMETERS = {
     "height": "an integer from 1 to max_height",
     "forcefit": "one of 1, true, yes, 0, false, no",
     "fit": "one of " + ", ".join(FITS),
-    "gravity": "one of " + ", ".join(GRAVITIES),
+    "gravity": "one of " + ", ".join((*GRAVITIES, *GRAVITY_FORMS))
+               + " (X and Y from 0 to 1, fractions of the width and height)",
     "upscale": "one of 1, true, yes, 0, false, no",
     "bandwidth": "a network class",
     "screensize": "WxH or a screen name",
@@ -908,6 +918,7 @@ class Spec:
     dpr: float = 1.0
     vary: tuple = ()
     placeholder: bool = False
+    focal_point: tuple = ()  # gravity=fp: (X, Y), fractions of the upright source
 
 
 def parse_spec(request, config):
@@ -929,10 +940,11 @@ def parse_spec(request, config):
     image_format, png_for_alpha, vary = _choose_format(params, request, config, vary,
                                                        placeholder)
     quality = _int_param(params, "quality", 1, 100, profile.quality)
+    # checked whatever the fit (the plan uses it for cover and pad only)
+    gravity, focal_point = _choose_gravity(params)
     spec = Spec(
         name=name, url=url, width=width, height=height, fit=fit,
-        # checked whatever the fit (the plan uses it for cover and pad only)
-        gravity=_choice_param(params, "gravity", GRAVITIES, "center"),
+        gravity=gravity, focal_point=focal_point,
         upscale=_bool_param(params, "upscale", False),
         format=image_format, png_for_alpha=png_for_alpha,
         quality=quality, min_quality=min(profile.min_quality, quality),
@@ -1094,6 +1106,19 @@ def _choose_fit(params):
     if forcefit is not None and fit is not None and forcefit != (fit == "fill"):
         raise BadRequest("forcefit: contradicts fit=" + fit)
     return fit or ("fill" if forcefit else "contain")
+
+
+def _choose_gravity(params):
+    """(gravity, focal point): a name from GRAVITIES or `smart`, with no point; or
+    `fp` and the point fp:X,Y gives."""
+    value = params.get("gravity", "center")
+    if value in GRAVITIES or value == "smart":
+        return value, ()
+    match = FOCAL_POINT.fullmatch(value)
+    point = tuple(float(part) for part in match.groups()) if match else ()
+    if not point or not all(0 <= part <= 1 for part in point):
+        raise BadRequest("gravity: must be " + PARAMETERS["gravity"])
+    return "fp", point
 
 
 def _choose_format(params, request, config, vary, placeholder=False):
@@ -1373,6 +1398,11 @@ class Plan:
     `region` is the part of the upright source shown (cover crops it), resized to
     `size`; `canvas` is the output (larger than `size` only for pad, which places
     the image at `offset` on bg).
+
+    `smart` is set when gravity=smart crops: the region's size is known but not its
+    place, which the resize step finds on the decoded image (see smart_focus). It
+    holds the size the answer itself is resized to: a placeholder is decoded at
+    its answer's scale, so both look at the same pixels and show the same region.
     """
 
     source: tuple
@@ -1383,6 +1413,7 @@ class Plan:
     format: str
     alpha: bool
     uses_bg: bool
+    smart: tuple = ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -1730,8 +1761,10 @@ def plan_output(facts, spec, config):
     canvas, offset = size, (0, 0)
     if spec.fit == "pad":
         canvas = (spec.width or size[0], spec.height or size[1])
-        across, down = GRAVITIES[spec.gravity]
+        # smart and fp crop; they place a padded image as center does
+        across, down = GRAVITIES.get(spec.gravity, GRAVITIES["center"])
         offset = (round((canvas[0] - size[0]) * across), round((canvas[1] - size[1]) * down))
+    smart = size if spec.gravity == "smart" and _crops(region, facts.size) else ()
     if spec.placeholder:
         size, canvas, offset = _placeholder_geometry(size, canvas, offset)
     output_format = "png" if spec.png_for_alpha and facts.alpha else spec.format
@@ -1739,7 +1772,8 @@ def plan_output(facts, spec, config):
     # than the picture, and under a blur a background colour shows the same
     alpha = facts.alpha and FORMATS[output_format][2] and not spec.placeholder
     uses_bg = (facts.alpha and not alpha) or canvas != size
-    return Plan(facts.size, region, size, canvas, offset, output_format, alpha, uses_bg)
+    return Plan(facts.size, region, size, canvas, offset, output_format, alpha, uses_bg,
+                smart)
 
 
 def _placeholder_geometry(size, canvas, offset):
@@ -1778,9 +1812,27 @@ def _cover(size, spec):
     whole = (_whole_pixels(width * scale), _whole_pixels(height * scale))
     output = (min(spec.width, whole[0]), min(spec.height, whole[1]))
     shown = (width * output[0] / whole[0], height * output[1] / whole[1])
-    across, down = GRAVITIES[spec.gravity]
+    if spec.gravity == "fp":
+        return output, region_around(spec.focal_point, size, shown)
+    # smart is centred until its point is found, after decoding
+    across, down = GRAVITIES.get(spec.gravity, GRAVITIES["center"])
     left, top = (width - shown[0]) * across, (height - shown[1]) * down
     return output, (left, top, left + shown[0], top + shown[1])
+
+
+def region_around(point, size, shown):
+    """The region of `shown` size centred on `point` (fractions of `size`), as far as
+    the image allows: moved inside it where the point is near an edge."""
+    # floats throughout, as the other gravities' regions (the key writes 0.0, not 0)
+    left, top = (min(max(fraction * whole - part / 2, 0.0), max(whole - part, 0.0))
+                 for fraction, whole, part in zip(point, size, shown))
+    return (left, top, left + shown[0], top + shown[1])
+
+
+def _crops(region, size):
+    """Whether the region leaves out more than a thousandth of a pixel of the source."""
+    left, top, right, bottom = region
+    return right - left < size[0] - 1e-3 or bottom - top < size[1] - 1e-3
 
 
 def _whole_pixels(length):
@@ -1809,6 +1861,10 @@ def image_key(spec, plan, identity):
         "copyright": spec.keep_copyright,
         "palette": spec.png_palette if plan.format == "png" else None,
     }
+    if plan.smart:
+        # the region's place is found after decoding, the same every time; the
+        # field is only there when smart crops, so other keys stay as they were
+        fields["smart"] = True
     canonical = json.dumps(fields, sort_keys=True)
     return hashlib.sha256(canonical.encode()).hexdigest()[:32]
 
@@ -1929,9 +1985,10 @@ def decode(image, job, data):
     plan = job.plan
     if image.format in ("JPEG", "MPO") and job.draft:  # an MPO: a JPEG, more pictures after
         left, top, right, bottom = plan.region
+        size = plan.smart or plan.size  # a smart placeholder: at its answer's scale
         # the whole source at the scale its region is shown at
-        width = math.ceil(plan.source[0] * plan.size[0] / (right - left) * DRAFT_FACTOR)
-        height = math.ceil(plan.source[1] * plan.size[1] / (bottom - top) * DRAFT_FACTOR)
+        width = math.ceil(plan.source[0] * size[0] / (right - left) * DRAFT_FACTOR)
+        height = math.ceil(plan.source[1] * size[1] / (bottom - top) * DRAFT_FACTOR)
         if job.facts.orientation in (5, 6, 7, 8):
             width, height = height, width
         image.draft(None, (width, height))
@@ -2303,7 +2360,7 @@ def resize(image, job):
     if image.size == plan.size and plan.region == (0, 0) + plan.source:
         return image
     (across, down), (pad_left, pad_top) = _decoded_scale(image, job)
-    left, top, right, bottom = plan.region
+    left, top, right, bottom = shown_region(image, plan)
     return image.resize(plan.size, Image.Resampling.LANCZOS, reducing_gap=REDUCING_GAP,
                         box=(pad_left + left * across, pad_top + top * down,
                              pad_left + right * across, pad_top + bottom * down))
@@ -2345,6 +2402,67 @@ def _flipped_axes(transpose):
 #: EXIF orientation -> _flipped_axes of its transpose.
 FLIPPED_AXES = {orientation: _flipped_axes(ORIENTATIONS.get(orientation))
                 for orientation in range(1, 9)}
+
+
+def shown_region(image, plan):
+    """The part of the upright source shown: the plan's region, or for smart, one of
+    its size around the point smart_focus finds in this (decoded, upright) image."""
+    if not plan.smart:
+        return plan.region
+    left, top, right, bottom = plan.region
+    return region_around(smart_focus(image, plan.source), plan.source,
+                         (right - left, bottom - top))
+
+
+#: gravity=smart looks at a copy of the upright image this many pixels on its longest
+#: side, sized from the source's size (not the decoded image's), so that any decoded
+#: scale (a JPEG draft, a placeholder's) gives nearly the same copy.
+SMART_SIDE = 256
+
+#: What draws the eye, per level of the copy (lookup tables for Image.point): edges
+#: of luma (the 3x3 Laplacian, doubled); chroma (saturation x value) above 96; skin
+#: (hue 3-50 degrees, saturation 20-63 %, value from 39 %), at half weight; and
+#: nothing where luma is under 24 (dark areas). bench/crops.py measured these.
+SMART_EDGES = [min(255, 2 * level) for level in range(256)]
+SMART_CHROMA = [max(0, level - 96) * 255 // 159 for level in range(256)]
+SMART_SKIN_HUE = [255 if 2 <= level <= 36 else 0 for level in range(256)]
+SMART_SKIN_SATURATION = [255 if 50 <= level <= 160 else 0 for level in range(256)]
+SMART_SKIN_VALUE = [128 if level >= 100 else 0 for level in range(256)]
+SMART_LIT = [255 if level >= 24 else 0 for level in range(256)]
+
+#: The blur that turns the map into regions (a 16th of the copy's longest side), and
+#: the weight of each place by its nearness to the centre (all of it at the centre, 29 %
+#: at the middle of an edge, none in the corners): a photo's subject is near the centre
+#: more often than not, and a background of leaves or sky should not pull it away.
+SMART_BLUR = SMART_SIDE / 16
+SMART_CENTRE = Image.radial_gradient("L").point(lambda distance: 255 - distance)
+
+
+def smart_focus(image, source):
+    """gravity=smart: the point of the upright image that draws the eye, as fractions
+    of its width and height: the maximum of a blurred map of edges, chroma and skin,
+    weighted towards the centre (libvips's attention strategy, plus the centre).
+    Deterministic: the same image gives the same point."""
+    scale = SMART_SIDE / max(source)
+    grid = (max(1, round(source[0] * scale)), max(1, round(source[1] * scale)))
+    copy = image.resize(grid, Image.Resampling.BOX).convert("RGB")
+    luma = copy.convert("L")
+    hue, saturation, value = copy.convert("HSV").split()
+    skin = ImageChops.multiply(ImageChops.multiply(
+        hue.point(SMART_SKIN_HUE), saturation.point(SMART_SKIN_SATURATION)),
+        value.point(SMART_SKIN_VALUE))
+    edges = luma.filter(ImageFilter.FIND_EDGES).point(SMART_EDGES)
+    # the filter leaves the outermost pixels as they were (luma, not edges)
+    ImageDraw.Draw(edges).rectangle((0, 0, grid[0] - 1, grid[1] - 1), outline=0)
+    drawn = ImageChops.add(ImageChops.add(
+        edges, ImageChops.multiply(saturation, value).point(SMART_CHROMA)), skin)
+    drawn = ImageChops.multiply(drawn, luma.point(SMART_LIT))
+    drawn = ImageChops.multiply(drawn.filter(ImageFilter.GaussianBlur(SMART_BLUR)),
+                                SMART_CENTRE.resize(grid, Image.Resampling.BILINEAR))
+    highest = drawn.getextrema()[1]
+    # the middle of the places that reach the maximum (a plateau in 8 bits)
+    left, top, right, bottom = drawn.point(lambda level: 255 * (level >= highest)).getbbox()
+    return (left + right) / 2 / grid[0], (top + bottom) / 2 / grid[1]
 
 
 def pad(image, job):
