@@ -62,6 +62,19 @@ def test_exposition_passes_the_prometheus_parser_with_cumulative_buckets():
     assert samples["dynimg_processes", ()] == 1
 
 
+def test_a_zombie_is_no_running_process():
+    process = subprocess.Popen(["true"])
+    try:
+        deadline = time.monotonic() + 10
+        while b") Z " not in open(f"/proc/{process.pid}/stat", "rb").read():
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        assert dynimg.process_tag(process.pid) is None  # exited, not yet reaped
+    finally:
+        process.wait()
+    assert dynimg.process_tag(os.getpid()).startswith(f"{os.getpid()}-")
+
+
 def test_every_family_has_help_and_type_and_counters_end_in_total():
     text = dynimg.exposition(collections.Counter())
     families = {family.name: family for family in text_string_to_metric_families(text)}
@@ -73,7 +86,7 @@ def test_every_family_has_help_and_type_and_counters_end_in_total():
 
 
 def test_label_values_are_escaped():
-    awkward = 'a "quoted" \\ back\nslash'
+    awkward = 'say "hi"\\no\nway\\'  # a backslash before n, a newline, one at the end
     counts = collections.Counter({("dynimg_requests_total", ("200", awkward)): 3})
     samples = parse(dynimg.exposition(counts))
     assert samples["dynimg_requests_total", (("class", awkward), ("status", "200"))] == 3
