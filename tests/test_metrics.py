@@ -258,6 +258,18 @@ def test_metrics_page_is_prometheus_text_or_a_403(app):
     assert refused.status == 403 and "allowed_networks" in refused.text
 
 
+@pytest.mark.parametrize("kind", ["varnish", "nginx"])
+def test_metrics_through_the_shipped_fronts_are_refused(kind, image_root):
+    from test_cache_tier import Tier
+    tier = Tier(kind, image_root)
+    try:
+        assert tier.get("/images/_metrics").status == 403  # every client looks local there
+        backend = tier.backends.servers[0]
+        assert backend.get("/images/_metrics").status == 200  # scraped on the host itself
+    finally:
+        tier.close()
+
+
 @pytest.mark.parametrize("value", ["everyone", "10.0.0.0/33", "::1/129 x"])
 def test_bad_allowed_networks_stop_start_up_naming_the_key(image_root, tmp_path, value):
     path = write_config(str(tmp_path), image_root, metrics={"allowed_networks": value})
