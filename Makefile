@@ -58,7 +58,7 @@ test: setup
 # Figures for the README: render speed against libvips, encoder settings, AVIF
 # encoders and each format's quality scale, what each client receives per class
 # (SSIMULACRA2), HTTP throughput against static files and thumbor, placeholders,
-# routing by source behind Varnish. Not part of
+# routing by source behind Varnish, what /_metrics counts and costs. Not part of
 # `make test`; 15-20 minutes.
 bench: setup .venv-bench/.ready
 	scripts/setup debs wrk varnish
@@ -72,6 +72,7 @@ bench: setup .venv-bench/.ready
 	taskset -c 1 $(VENV)/bin/python bench/placeholders.py
 	taskset -c 1 $(VENV)/bin/python bench/crops.py
 	$(VENV)/bin/python bench/sharding.py
+	$(VENV)/bin/python bench/metrics.py --svg docs/metrics-saved.svg
 
 # Memory of the daemon processes under MINUTES of uncached renders.
 MINUTES ?= 10

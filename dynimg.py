@@ -19,6 +19,7 @@ variable or beside this file.
 """
 
 import argparse
+import atexit
 import base64
 import collections
 import configparser
@@ -50,6 +51,7 @@ import threading
 import time
 import types
 import urllib.parse
+import weakref
 import zlib
 from typing import Optional
 
@@ -476,6 +478,10 @@ DEFAULTS = {
         "max_redirects": "3",
         "refetch_after": "3600",
     },
+    "metrics": {
+        "run_dir": "/var/tmp/dynimg-metrics",
+        "allowed_networks": "127.0.0.0/8 ::1",
+    },
     "network.default": {"quality": "80", "min_quality": "60", "max_bytes": "0", "max_dpr": "3",
                         "progressive": "no"},
     "network.save-data": {"quality": "60", "min_quality": "60", "max_bytes": "30000",
@@ -559,6 +565,8 @@ class Config:
     total_timeout: float
     max_redirects: int
     refetch_after: int
+    metrics_dir: str
+    metrics_networks: tuple
 
 
 def default_config_path():
@@ -629,6 +637,8 @@ def load_config(path=None):
         total_timeout=read.number("remote", "total_timeout", 0.1, 600),
         max_redirects=read.integer("remote", "max_redirects", 0, 20),
         refetch_after=read.integer("remote", "refetch_after", 1),
+        metrics_dir=read.path("metrics", "run_dir"),
+        metrics_networks=read.networks("metrics", "allowed_networks"),
     )
 
 
@@ -847,7 +857,7 @@ def tune_malloc():
 #: The request headers dynimg reads; nothing else of the request is kept.
 REQUEST_HEADERS = ("Accept", "ECT", "Downlink", "Save-Data", "Sec-CH-DPR", "DPR",
                    "Sec-CH-Viewport-Width", "Viewport-Width", "Sec-CH-Width", "Width",
-                   "If-None-Match", "If-Modified-Since")
+                   "If-None-Match", "If-Modified-Since", "X-Forwarded-For", "Forwarded")
 
 #: Each of them by its WSGI environ key.
 _ENVIRON_KEYS = {name: "HTTP_" + name.upper().replace("-", "_") for name in REQUEST_HEADERS}
@@ -868,6 +878,7 @@ class Request:
     script_name: str = ""
     headers: types.MappingProxyType = dataclasses.field(
         default_factory=lambda: types.MappingProxyType({}))
+    remote_addr: str = ""
 
     @classmethod
     def from_environ(cls, environ):
@@ -878,7 +889,8 @@ class Request:
                    path=path.decode("utf-8", "surrogateescape"),
                    query=environ.get("QUERY_STRING", ""),
                    script_name=environ.get("SCRIPT_NAME", ""),
-                   headers=types.MappingProxyType(headers))
+                   headers=types.MappingProxyType(headers),
+                   remote_addr=environ.get("REMOTE_ADDR", ""))
 
     def header(self, *names):
         """The first of `names` present, as (name, value), else (names[0], None)."""
@@ -1343,6 +1355,19 @@ def is_public_address(address, allowed_networks=()):
 #: prefix (a gateway reaches it), IPv4-translated and the old IPv4-compatible form.
 _EMBEDDING_IPV4 = tuple(ipaddress.ip_network(prefix)
                         for prefix in ("64:ff9b::/96", "::ffff:0:0:0/96", "::/96"))
+
+
+def may_read_metrics(request, config):
+    """Whether a request may read /_metrics: from [metrics] allowed_networks, and not
+    relayed by a proxy (whose address would stand for every client's)."""
+    if request.header("X-Forwarded-For", "Forwarded")[1] is not None:
+        return False
+    try:
+        address = ipaddress.ip_address(request.remote_addr)
+    except ValueError:
+        return False
+    address = getattr(address, "ipv4_mapped", None) or address
+    return any(address in network for network in config.metrics_networks)
 
 
 def _embedded_ipv4(address):
@@ -3157,7 +3182,8 @@ class _StripeLock:
 @dataclasses.dataclass(frozen=True)
 class Response:
     """Status, headers and a body: bytes, or an open file of `length` bytes.
-    `key` and `hit` are for the request's log line."""
+    `key` and `hit` are for the request's log line; `source_bytes`, for the metrics,
+    is what sending the source as it is would have cost (None where unknown)."""
 
     status: int
     headers: tuple
@@ -3165,6 +3191,7 @@ class Response:
     length: Optional[int] = None
     key: str = "-"
     hit: bool = False
+    source_bytes: Optional[int] = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -3198,7 +3225,10 @@ def image_response(spec, produced, config):
         ("X-Image-Quality", str(entry.quality)),
         ("X-Image-Network", spec.network),
     ) + ((("X-Image-Frames", "first (the source is animated)"),) if entry.animated else ())
-    return Response(200, headers, produced.body, entry.length, entry.key, produced.hit)
+    # a file's identity has its size; a remote source's size is unknown to a cache hit
+    source_bytes = None if spec.url else produced.source.identity[1]
+    return Response(200, headers, produced.body, entry.length, entry.key, produced.hit,
+                    source_bytes)
 
 
 def not_modified_response(spec, source, config, key):
@@ -3368,6 +3398,330 @@ addEventListener("load", () => document.querySelectorAll("img.shown").forEach(im
 """
 
 
+# --- metrics ------------------------------------------------------------------
+
+#: What /_metrics shows: name -> (Prometheus type, help text, label names). Each
+#: figure is summed over the server's daemon processes; `class` is the network class.
+METRICS = {
+    "dynimg_requests_total": (
+        "counter", "Requests answered, by HTTP status and network class (none: a page, "
+        "or a request refused before its class was known).", ("status", "class")),
+    "dynimg_sent_bytes_total": (
+        "counter", "Body bytes sent, by network class and format (HEAD and 304 send none).",
+        ("class", "format")),
+    "dynimg_source_bytes_total": (
+        "counter", "What sending the source files as they are would have cost, for the "
+        "images sent (200 to a GET; remote sources not counted).", ("class",)),
+    "dynimg_saved_bytes_total": (
+        "counter", "Source bytes minus the bytes sent for the same images: what each class "
+        "was spared (an answer larger than its source counts as saving none).", ("class",)),
+    "dynimg_cache_hits_total": (
+        "counter", "Images taken from the result cache (answers, error pictures, demo tiles).",
+        ()),
+    "dynimg_render_seconds": (
+        "histogram", "Seconds each render took (open, decode, resize, encode); its count is "
+        "the number of renders.", ()),
+    "dynimg_process_exits_total": (
+        "counter", "Daemon processes that have exited (maximum-requests, a crash, a graceful "
+        "restart) since the server started, their counts kept.", ()),
+    "dynimg_processes": (
+        "gauge", "Daemon processes whose counts are in their own files now.", ()),
+}
+
+#: Upper bounds of the render-time histogram's buckets, in seconds (max_render_seconds
+#: is 10 by default).
+RENDER_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+#: Media type of the Prometheus text exposition format.
+METRICS_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+#: The `format` label of bytes sent, by Content-Type; anything else is "other".
+SENT_FORMATS = {**{media: name for name, (_, media, _) in FORMATS.items()},
+                "text/plain; charset=utf-8": "text", METRICS_TYPE: "text",
+                "application/json": "json", "text/html; charset=utf-8": "html"}
+
+#: Seconds a process's new counts may wait before its file is rewritten.
+METRICS_FLUSH_SECONDS = 1.0
+
+#: The most process files one sum reads: a server has one a live process, and those
+#: of processes that exited until they are folded (at the next process start or scrape).
+MAX_METRICS_FILES = 256
+
+#: Seconds the file of an exited process stays after its counts went into the
+#: retired total, so that a sum which read the old total still finds the file.
+FOLD_GRACE_SECONDS = 60
+
+#: Files of the run folder: SERVER.PROCESS.json and SERVER.retired.json, SERVER and
+#: PROCESS being pid-starttime (a process's start in clock ticks since boot tells a
+#: reused pid apart), PROCESS with a token (two apps in one process).
+METRICS_FILE = re.compile(r"([0-9]+-[0-9]+)\.(retired|[0-9]+-[0-9]+-[0-9a-f]+)\.json")
+
+#: Which counters make the per-class figures of the summary for a person.
+CLASS_FIGURES = {"dynimg_requests_total": "requests", "dynimg_sent_bytes_total": "sent_bytes",
+                 "dynimg_source_bytes_total": "source_bytes",
+                 "dynimg_saved_bytes_total": "saved_bytes"}
+
+
+def process_tag(pid):
+    """'PID-STARTTIME' of a running process (from /proc), or None if it has exited
+    (a zombie too) or there is no /proc to ask."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as file:
+            stat = file.read()
+    except OSError:
+        return None
+    # the command name, in parentheses, may hold spaces: fields count from its end
+    state, *fields = stat[stat.rindex(b")") + 2:].split()
+    return None if state == b"Z" else f"{pid}-{int(fields[18])}"
+
+
+def _is_running(tag):
+    pid, started = tag.split("-")[:2]
+    return process_tag(int(pid)) == f"{pid}-{started}"
+
+
+class Metrics:
+    """One process's counters, kept in memory, and its file in the run folder.
+
+    The file is made at start. Then a request only adds to a dict under a lock of
+    this process's, and a timer thread rewrites the file (a temporary file, then
+    rename) at most once a METRICS_FLUSH_SECONDS, and once more at exit. The server
+    is the process's parent, Apache's, which a graceful restart keeps (counting goes
+    on) and a full restart replaces (counting starts afresh: a reset Prometheus sees)."""
+
+    def __init__(self, folder):
+        self.counts = collections.Counter()
+        self.counting = threading.Lock()  # held for a dict update, never for I/O
+        self.writing = threading.Lock()  # one write of this process's file at a time
+        self.timer = None
+        self.server = process_tag(os.getppid())
+        self.name = f"{self.server}.{process_tag(os.getpid())}-{os.urandom(3).hex()}.json"
+        # without /proc, a live process cannot be told from an exited one: no sharing
+        self.folder = folder if self.server else ""
+        self.folded = False
+        self.failure_logged = False
+        atexit.register(_flush_at_exit, weakref.ref(self))
+        self.flush()  # listed from the start, so its exit is counted even if it served none
+
+    def add(self, figures):
+        """Add (name, labels, amount) figures; the file follows within a flush interval."""
+        with self.counting:
+            for name, labels, amount in figures:
+                self.counts[name, labels] += amount
+            if self.folder and self.timer is None:
+                self.timer = threading.Timer(METRICS_FLUSH_SECONDS, self.flush)
+                self.timer.daemon = True
+                self.timer.start()
+
+    def count_answer(self, response, network, media_type, sent):
+        """One request, as its log line tells it: `sent` body bytes (0 for HEAD and
+        304, which send none, and so save nothing against the source either)."""
+        network = network or "none"
+        figures = [("dynimg_requests_total", (str(response.status), network), 1)]
+        if sent:
+            figures.append(("dynimg_sent_bytes_total",
+                            (network, SENT_FORMATS.get(media_type, "other")), sent))
+        if sent and response.source_bytes is not None:
+            figures += [("dynimg_source_bytes_total", (network,), response.source_bytes),
+                        ("dynimg_saved_bytes_total", (network,),
+                         max(0, response.source_bytes - sent))]
+        self.add(figures)
+
+    def count_render(self, seconds):
+        bucket = next((repr(bound) for bound in RENDER_BUCKETS if seconds <= bound), "+Inf")
+        self.add([("dynimg_render_seconds_bucket", (bucket,), 1),
+                  ("dynimg_render_seconds_sum", (), seconds),
+                  ("dynimg_render_seconds_count", (), 1)])
+
+    def count_hit(self):
+        self.add([("dynimg_cache_hits_total", (), 1)])
+
+    def flush(self):
+        """Write this process's counts to its file; the first time, fold the files of
+        processes that exited before (so the folder does not grow with restarts)."""
+        with self.writing:
+            with self.counting:
+                self.timer = None
+                rows = [[name, list(labels), amount]
+                        for (name, labels), amount in self.counts.items()]
+            if not self.folder:
+                return
+            try:
+                if not self.folded:
+                    self.folded = True
+                    fold_metrics(self.folder, self.server)
+                _write_json(os.path.join(self.folder, self.name), {"counts": rows})
+            except OSError as error:
+                if not self.failure_logged:
+                    self.failure_logged = True
+                    log.warning("cannot write the metrics file in %s (%s): /_metrics "
+                                "lacks this process", self.folder, error)
+
+    def totals(self):
+        """Every process's counts summed, this one's as of now."""
+        self.flush()
+        if not self.folder:
+            with self.counting:
+                counts = collections.Counter(self.counts)
+            counts["dynimg_processes", ()] = 1
+            return counts
+        fold_metrics(self.folder, self.server)
+        return sum_metrics(self.folder, self.server)
+
+
+def _flush_at_exit(reference):
+    metrics = reference()
+    if metrics is not None and metrics.timer is not None:
+        metrics.flush()
+
+
+def _write_json(path, value):
+    """Write atomically: a temporary file in the same folder, then rename."""
+    folder = os.path.dirname(path)
+    os.makedirs(folder, exist_ok=True)
+    descriptor, temporary = tempfile.mkstemp(dir=folder, prefix=".tmp-")
+    try:
+        with os.fdopen(descriptor, "w", encoding="utf-8") as file:
+            json.dump(value, file)
+        os.chmod(temporary, 0o644)
+        os.rename(temporary, path)
+    except OSError:
+        ResultCache._remove(temporary)
+        raise
+
+
+def _read_counts(path):
+    """(counts, what else the file says) of a metrics file; empty if it is missing
+    or not one of ours."""
+    try:
+        with open(path, encoding="utf-8") as file:
+            value = json.load(file)
+        return collections.Counter({(name, tuple(labels)): amount
+                                    for name, labels, amount in value["counts"]}), value
+    except (OSError, ValueError, TypeError, KeyError):
+        return collections.Counter(), {}
+
+
+def _metrics_files(folder):
+    """(name, server, process) of the run folder's files, sorted by name."""
+    try:
+        names = sorted(os.listdir(folder))
+    except OSError:
+        return []
+    matches = map(METRICS_FILE.fullmatch, names)
+    return [(match.group(0), *match.groups()) for match in matches if match]
+
+
+def sum_metrics(folder, server):
+    """One server's counts: its retired total plus the file of each process not yet
+    folded into it (at most MAX_METRICS_FILES read). The total is read before the
+    folder is listed: a file folded meanwhile stays FOLD_GRACE_SECONDS, so it is
+    counted once, whichever the order."""
+    counts, retired = _read_counts(os.path.join(folder, f"{server}.retired.json"))
+    absorbed = retired.get("absorbed", {})
+    names = [name for name, owner, process in _metrics_files(folder)
+             if owner == server and process != "retired" and name not in absorbed]
+    if len(names) > MAX_METRICS_FILES:
+        log.warning("%d metrics files in %s: summing the first %d", len(names), folder,
+                    MAX_METRICS_FILES)
+    for name in names[:MAX_METRICS_FILES]:
+        counts.update(_read_counts(os.path.join(folder, name))[0])
+    counts["dynimg_processes", ()] = min(len(names), MAX_METRICS_FILES)
+    return counts
+
+
+def fold_metrics(folder, server):
+    """Fold the files of this server's exited processes into its retired total, and
+    remove files folded FOLD_GRACE_SECONDS ago and every file of a server that has
+    stopped. Under a lock nobody waits for: if another process is folding, skip."""
+    lock = _StripeLock(os.path.join(folder, ".fold.lock"), 0)
+    with lock as locked:
+        if not locked:
+            return
+        path = os.path.join(folder, f"{server}.retired.json")
+        counts, retired = _read_counts(path)
+        absorbed, now = dict(retired.get("absorbed", {})), time.time()
+        for name, folded_at in list(absorbed.items()):
+            if now - folded_at > FOLD_GRACE_SECONDS:
+                ResultCache._remove(os.path.join(folder, name))  # first, then the total
+                del absorbed[name]
+        for name, owner, process in _metrics_files(folder):
+            if owner != server and not _is_running(owner):
+                ResultCache._remove(os.path.join(folder, name))
+            elif (owner == server and process != "retired" and name not in absorbed
+                  and not _is_running(process)):
+                counts.update(_read_counts(os.path.join(folder, name))[0])
+                counts["dynimg_process_exits_total", ()] += 1
+                absorbed[name] = now
+        if absorbed != retired.get("absorbed", {}):
+            _write_json(path, {"counts": [[name, list(labels), amount] for (name, labels),
+                                          amount in counts.items()], "absorbed": absorbed})
+
+
+def metrics_servers(folder):
+    """The running servers with files in the run folder (usually one)."""
+    return sorted({owner for _, owner, _ in _metrics_files(folder) if _is_running(owner)})
+
+
+def exposition(counts):
+    """The counts as Prometheus text (the exposition format, version 0.0.4)."""
+    lines = []
+    for name, (kind, text, label_names) in METRICS.items():
+        lines += [f"# HELP {name} {text}", f"# TYPE {name} {kind}"]
+        lines += _histogram_lines(name, counts) if kind == "histogram" else [
+            f"{name}{_label_text(label_names, labels)} {_number(amount)}"
+            for labels, amount in _samples(name, label_names, counts)]
+    return "\n".join(lines) + "\n"
+
+
+def _samples(name, label_names, counts):
+    samples = sorted((labels, amount) for (metric, labels), amount in counts.items()
+                     if metric == name)
+    return samples or ([] if label_names else [((), 0)])
+
+
+def _histogram_lines(name, counts):
+    lines, below = [], 0
+    for bound in [repr(bound) for bound in RENDER_BUCKETS] + ["+Inf"]:
+        below += counts[f"{name}_bucket", (bound,)]  # each bucket counts all below it too
+        lines.append(f'{name}_bucket{{le="{bound}"}} {below}')
+    return lines + [f"{name}_sum {_number(counts[f'{name}_sum', ()])}",
+                    f"{name}_count {counts[f'{name}_count', ()]}"]
+
+
+def _label_text(names, values):
+    if not names:
+        return ""
+    escaped = (value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+               for value in values)
+    return "{" + ",".join(f'{name}="{value}"' for name, value in zip(names, escaped)) + "}"
+
+
+def _number(amount):
+    return str(amount) if isinstance(amount, int) else repr(float(amount))
+
+
+def summarize_metrics(counts):
+    """The summed figures for a person (/_health, `dynimg.py stats`): requests by
+    status, bytes by format, and requests and bytes by network class."""
+    statuses, formats, classes = collections.Counter(), collections.Counter(), {}
+    for (name, labels), amount in sorted(counts.items()):
+        if name in CLASS_FIGURES:
+            network = labels[METRICS[name][2].index("class")]
+            figures = classes.setdefault(network, dict.fromkeys(CLASS_FIGURES.values(), 0))
+            figures[CLASS_FIGURES[name]] += amount
+        if name == "dynimg_requests_total":
+            statuses[labels[0]] += amount
+        elif name == "dynimg_sent_bytes_total":
+            formats[labels[1]] += amount
+    return {"processes": counts["dynimg_processes", ()],
+            "process_exits": counts["dynimg_process_exits_total", ()],
+            "requests": dict(statuses), "renders": counts["dynimg_render_seconds_count", ()],
+            "render_seconds": round(counts["dynimg_render_seconds_sum", ()], 3),
+            "cache_hits": counts["dynimg_cache_hits_total", ()],
+            "sent_bytes_by_format": dict(formats), "classes": classes}
+
+
 # --- WSGI application -----------------------------------------------------------
 
 
@@ -3389,8 +3743,9 @@ class App:
                                  config.max_waiting_renders)
         self.transforms = LRU(TRANSFORM_CACHE_SIZE)
         self.facts = LRU(FACTS_CACHE_SIZE)
+        self.metrics = Metrics(config.metrics_dir)
         self.pages = {"/_health": self.health_page, "/_demo": self.demo_page,
-                      "/_html": self.html_page}
+                      "/_html": self.html_page, "/_metrics": self.metrics_page}
 
     def __call__(self, environ, start_response):
         """Build the request, answer it, start the response, log one line."""
@@ -3410,12 +3765,16 @@ class App:
             # wrong one makes caches (Apache's mod_cache) throw their stored copy away
             headers.append(("Content-Length", str(length)))
         start_response(f"{response.status} {http.HTTPStatus(response.status).phrase}", headers)
+        content_type = dict(headers).get("Content-Type", "-")
         log.info("%s %s?%s %d %d bytes net=%s type=%s cache=%s key=%s %.0f ms",
                  request.method, request.path, request.query, response.status, length,
-                 spec.network if spec else "-", dict(headers).get("Content-Type", "-"),
+                 spec.network if spec else "-", content_type,
                  "hit" if response.hit else "-", response.key,
                  (time.perf_counter() - started) * 1000)
-        if request.method == "HEAD" or response.status == 304:
+        sends_body = request.method != "HEAD" and response.status != 304
+        self.metrics.count_answer(response, spec and spec.network, content_type,
+                                  length if sends_body else 0)
+        if not sends_body:
             if hasattr(response.body, "close"):
                 response.body.close()
             return []
@@ -3491,6 +3850,7 @@ class App:
         if hit is None:
             return None
         self.cache.counts["hits"] += 1
+        self.metrics.count_hit()
         entry, file = hit
         return Produced(entry, file, source, True, CACHE_HIT_TIMING)
 
@@ -3510,6 +3870,7 @@ class App:
             else:
                 source = fetched or read()
                 rendered = self._render_source(source, spec)
+        self.metrics.count_render(sum(seconds for _, seconds, *_ in rendered.timings))
         self.facts.put(source.identity, rendered.facts)
         key = image_key(spec, rendered.plan, source.identity)
         entry = CacheEntry.of(key, source_tag(spec.url or source.identity[0]), rendered)
@@ -3616,18 +3977,28 @@ class App:
         return produced.body, produced.entry.length, FORMATS[produced.entry.format][1]
 
     def health_page(self, request):
-        """JSON: status and version for anyone; the build, paths and cache figures
-        only where [server] health_details allows. Constant time: nothing is walked."""
+        """JSON: status and version for anyone; the build, paths, cache figures and the
+        summed metrics only where [server] health_details allows. Nothing is walked:
+        one small file is read per daemon process."""
         body = {"status": "ok", "version": VERSION, "avif": AVIF_ENCODER is not None}
         if self.config.health_details:
             body.update(pillow=pillow_build(), formats=self.config.input_formats,
                         output_formats=AVAILABLE_FORMATS, auto_formats=self.config.auto_formats,
                         avif_encoder=avif_build(),
                         config=self.config.path, image_root=self.config.image_root,
-                        cache=self.cache.figures() if self.cache else None)
+                        cache=self.cache.figures() if self.cache else None,
+                        metrics=summarize_metrics(self.metrics.totals()))
         return Response(200, (("Content-Type", "application/json"),
                               ("Cache-Control", "no-store")),
                         json.dumps(body, indent=2).encode() + b"\n")
+
+    def metrics_page(self, request):
+        """Prometheus text: the counts of every process of this server, summed; only
+        for [metrics] allowed_networks."""
+        if not may_read_metrics(request, self.config):
+            raise Forbidden("/_metrics is only for [metrics] allowed_networks")
+        return Response(200, (("Content-Type", METRICS_TYPE), ("Cache-Control", "no-store")),
+                        exposition(self.metrics.totals()).encode())
 
     def html_page(self, request):
         """The <img> markup for a name, as text (what `dynimg.py html` prints)."""
@@ -3913,6 +4284,9 @@ def main(argv=None):
     html_command.add_argument("--alt", default="", help="the alt text")
     html_command.add_argument("--base", default="/images", help="the URL the app is mounted "
                               "at, such as https://img.example.com/images")
+    stats_command = commands.add_parser("stats", help="what the running server has served: "
+                                        "requests, renders, bytes sent and saved by class")
+    stats_command.add_argument("--json", action="store_true", help="as /_health shows it")
     render_command = commands.add_parser("render", help="run the pipeline on one image offline")
     render_command.add_argument("name", help="a file, or a name under image_root")
     render_command.add_argument("-o", "--output", required=True)
@@ -3928,6 +4302,9 @@ def main(argv=None):
     except ConfigError as error:
         print(f"dynimg: {error}", file=sys.stderr)
         return 2
+    if args.command != "serve":
+        # a one-off command is no server: it neither counts nor writes in the run folder
+        args.run_dir, config = config.metrics_dir, dataclasses.replace(config, metrics_dir="")
     if args.command in CACHE_WRITERS:
         refusal = _become_cache_owner(config, args.command)
         if refusal:
@@ -4049,6 +4426,37 @@ def _command_serve(args, app):
     return 0
 
 
+def _command_stats(args, app):
+    """The summed counts of the servers writing to the run folder (it reads, never
+    writes: run as root, it leaves nothing the server could not replace)."""
+    folder = args.run_dir
+    counts = collections.Counter()
+    servers = metrics_servers(folder) if folder else []
+    for server in servers:
+        counts.update(sum_metrics(folder, server))
+    summary = summarize_metrics(counts)
+    if args.json:
+        print(json.dumps(summary, indent=2))
+        return 0
+    if not servers:
+        print(f"dynimg: no running server counts in {folder or '([metrics] run_dir is empty)'}",
+              file=sys.stderr)
+        return 1
+    print(f"{folder}: {summary['processes']} processes, {summary['process_exits']} exited")
+    print("requests: " + ", ".join(f"{status}: {count:,}"
+                                   for status, count in sorted(summary["requests"].items())))
+    print(f"renders: {summary['renders']:,} ({summary['render_seconds']:,.1f} s), "
+          f"result-cache hits: {summary['cache_hits']:,}")
+    print(f"{'class':<10} {'requests':>9} {'bytes sent':>14} {'source bytes':>14} "
+          f"{'saved':>14}")
+    for network, figures in sorted(summary["classes"].items()):
+        share = (f" ({figures['saved_bytes'] / figures['source_bytes']:.0%})"
+                 if figures["source_bytes"] else "")
+        print(f"{network:<10} {figures['requests']:>9,} {figures['sent_bytes']:>14,} "
+              f"{figures['source_bytes']:>14,} {figures['saved_bytes']:>14,}{share}")
+    return 0
+
+
 def _command_render(args, app):
     params = {name: value for name, value in vars(args).items()
               if name in PARAMETERS and name != "name" and value not in (None, False)}
@@ -4083,7 +4491,8 @@ def _command_render(args, app):
 
 
 COMMANDS = {"serve": _command_serve, "check": _command_check, "render": _command_render,
-            "cache": _command_cache, "sign": _command_sign, "html": _command_html}
+            "cache": _command_cache, "sign": _command_sign, "html": _command_html,
+            "stats": _command_stats}
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -98,10 +98,13 @@ def write_config(folder, image_root, **sections):
     cache_dir = os.path.join(folder, "cache")
     os.makedirs(cache_dir, exist_ok=True)
     os.chmod(cache_dir, 0o777)  # Apache's user writes the result cache
+    run_dir = os.path.join(folder, "run")
+    os.makedirs(run_dir, exist_ok=True)
+    os.chmod(run_dir, 0o777)  # and its processes' metrics files
     values = {"server": {"image_root": image_root,
                          "not_found_image": os.path.join(PROJECT, "404image.png"),
                          "error_image": os.path.join(PROJECT, "errorimage.png")},
-              "cache": {"cache_dir": cache_dir}}
+              "cache": {"cache_dir": cache_dir}, "metrics": {"run_dir": run_dir}}
     for section, keys in sections.items():
         values.setdefault(section, {}).update(keys)
     path = os.path.join(folder, "dynimg.ini")
@@ -126,13 +129,15 @@ class App:
         self.config = config
         self.app = validator(self.dynimg)
 
-    def request(self, path="/", query="", method="GET", headers=None):
-        return self.request_raw(path.encode("utf-8").decode("latin-1"), query, method, headers)
+    def request(self, path="/", query="", method="GET", headers=None, environ=None):
+        return self.request_raw(path.encode("utf-8").decode("latin-1"), query, method, headers,
+                                environ)
 
-    def request_raw(self, path_info, query="", method="GET", headers=None):
-        """PATH_INFO exactly as a server would pass it (bytes as latin-1)."""
+    def request_raw(self, path_info, query="", method="GET", headers=None, environ=None):
+        """PATH_INFO exactly as a server would pass it (bytes as latin-1); `environ`
+        adds keys such as REMOTE_ADDR."""
         environ = {"REQUEST_METHOD": method, "SCRIPT_NAME": "/images",
-                   "PATH_INFO": path_info, "QUERY_STRING": query}
+                   "PATH_INFO": path_info, "QUERY_STRING": query, **(environ or {})}
         for name, value in (headers or {}).items():
             environ["HTTP_" + name.upper().replace("-", "_")] = value
         setup_testing_defaults(environ)
