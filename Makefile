@@ -71,6 +71,7 @@ bench: setup .venv-bench/.ready
 	$(VENV)/bin/python bench/throughput.py
 	taskset -c 1 $(VENV)/bin/python bench/placeholders.py
 	$(VENV)/bin/python bench/sharding.py
+	$(VENV)/bin/python bench/animation.py
 
 # Memory of the daemon processes under MINUTES of uncached renders.
 MINUTES ?= 10
