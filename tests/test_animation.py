@@ -93,6 +93,27 @@ def limited(image_root, tmp_path):
     return make
 
 
+# --- the limits --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("key, value", [
+    ("max_frames", "0"), ("max_frames", str(dynimg.MAX_COUNTED_FRAMES + 1)),
+    ("max_frames", "many"), ("max_animation_pixels", "0"), ("max_animation_pixels", "-5"),
+])
+def test_a_bad_animation_limit_names_section_and_key(tmp_path, image_root, key, value):
+    path = write_config(str(tmp_path), image_root, limits={key: value})
+    with pytest.raises(dynimg.ConfigError, match=rf"\[limits\] {key}"):
+        dynimg.load_config(path)
+
+
+def test_the_animation_limits_are_read(tmp_path, image_root):
+    config = dynimg.load_config(write_config(str(tmp_path), image_root, limits={
+        "max_frames": "12", "max_animation_pixels": "3456"}))
+    assert (config.max_frames, config.max_animation_pixels) == (12, 3456)
+    default = dynimg.load_config(write_config(str(tmp_path / "default"), image_root))
+    assert (default.max_frames, default.max_animation_pixels) == (1000, 30_000_000)
+
+
 # --- the header scan ---------------------------------------------------------------------
 
 
