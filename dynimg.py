@@ -2080,8 +2080,9 @@ def render(source_data, spec, config, transforms=None):
 
 
 def _is_animated(image):
-    """Whether the source has frames after the first (which alone is served). The
-    further pictures of a multi-picture JPEG (previews, depth maps) are no frames."""
+    """Whether the source has frames after the first, as Pillow says (a GIF's are
+    counted by scan_frames instead). The further pictures of a multi-picture JPEG
+    (previews, depth maps) are no frames."""
     if image.format == "MPO":
         return False
     try:
