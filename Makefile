@@ -73,6 +73,7 @@ bench: setup .venv-bench/.ready
 	taskset -c 1 $(VENV)/bin/python bench/crops.py
 	$(VENV)/bin/python bench/sharding.py
 	$(VENV)/bin/python bench/metrics.py --svg docs/metrics-saved.svg
+	$(VENV)/bin/python bench/animation.py
 
 # Memory of the daemon processes under MINUTES of uncached renders.
 MINUTES ?= 10

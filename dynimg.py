@@ -248,6 +248,53 @@ QUALITY_EQUIVALENTS = {
 #: WebP method: 4 is 3 % smaller than 2 at 2.5x the time; 6 saves 4 % more at 2.3x again.
 WEBP_METHOD = 4
 
+#: Animated WebP (bench/animation.py): method 4 is 6-57 % smaller than 0 at twice
+#: the CPU; trying every frame both as a key frame and as a change (minimize_size)
+#: saves 0-10 % more for 14-32 % more CPU, so it is off.
+WEBP_ANIMATION_METHOD = 4
+WEBP_ANIMATION_MINIMIZE = False
+
+#: Source formats whose frames an animated WebP answer keeps (Pillow composites
+#: each onto the full canvas); a multi-page TIFF's pages are no animation.
+ANIMATED_FORMATS = ("GIF", "WEBP", "PNG")
+
+#: Why an animated source goes out as its first frame alone, by the code a cache
+#: entry's name keeps; X-Image-Frames says "first (REASON)", or "all (N)" when every
+#: frame goes out.
+STILL_REASONS = {
+    "a": "the source is animated",  # the answer's format or kind shows one frame
+    "n": "over max_frames",
+    "p": "over max_animation_pixels",
+    "t": "over max_render_seconds",
+    "b": "over the byte budget",
+    "x": "a later frame cannot be read",
+    "o": "a frame lies outside the canvas",
+    "m": "over max_render_mb",
+}
+
+#: Frames the header scan counts at most (max_frames may be up to this): a file of
+#: a million 1x1 frames is known to be over the limit after this many.
+MAX_COUNTED_FRAMES = 10_000
+
+#: Blocks (GIF sub-blocks, PNG or RIFF chunks) the header scan walks at most: a
+#: 50 MB GIF of 255-byte sub-blocks has 200,000; one cut into 1-byte sub-blocks,
+#: 25 million (seconds of Python). Past this the later frames count as unreadable.
+MAX_SCANNED_BLOCKS = 400_000
+
+#: Frame durations of 10 ms or less are shown for 100 ms by browsers (GIF, WebP and
+#: APNG alike); the WebP encoder refuses 0. The longest a WebP frame may say (24 bits).
+SHORTEST_FRAME_MS = 10
+SHOWN_FOR_SHORTEST_MS = 100
+LONGEST_FRAME_MS = 0xFFFFFF
+
+#: What the animated WebP encoder holds per pixel of the output canvas, beside the
+#: frame being made: measured 26 bytes (a 2000x1250 and a 4000x2500 photo
+#: animation at their own size, bench/animation.py), rounded up.
+ANIMATION_ENCODER_BYTES_PER_PIXEL = 28
+
+#: The most times a WebP animation may say it plays (0 is for ever).
+MAX_LOOP_COUNT = 65535
+
 #: The EXIF tag number of Copyright, kept when [output] keep_copyright is on.
 EXIF_COPYRIGHT = 0x8298
 
@@ -450,6 +497,8 @@ DEFAULTS = {
         "formats": " ".join(INPUT_FORMATS),
         "max_render_seconds": "10",
         "max_render_mb": "400",
+        "max_frames": "1000",
+        "max_animation_pixels": "30000000",
         "allowed_widths": "",
         "max_concurrent_renders": "0",
         "max_waiting_renders": "12",
@@ -548,6 +597,8 @@ class Config:
     input_formats: tuple
     max_render_seconds: float
     max_render_mb: int
+    max_frames: int
+    max_animation_pixels: int
     allowed_widths: tuple
     max_concurrent_renders: int
     max_waiting_renders: int
@@ -619,6 +670,8 @@ def load_config(path=None):
         input_formats=read.formats("limits", "formats"),
         max_render_seconds=read.number("limits", "max_render_seconds", 0.1, 600),
         max_render_mb=read.integer("limits", "max_render_mb", 1),
+        max_frames=read.integer("limits", "max_frames", 1, MAX_COUNTED_FRAMES),
+        max_animation_pixels=read.integer("limits", "max_animation_pixels", 1),
         allowed_widths=read.numbers("limits", "allowed_widths", int, empty=True),
         max_concurrent_renders=(read.integer("limits", "max_concurrent_renders", 0, 1024)
                                 or len(os.sched_getaffinity(0)) or 2),
@@ -931,6 +984,7 @@ class Spec:
     vary: tuple = ()
     placeholder: bool = False
     focal_point: tuple = ()  # gravity=fp: (X, Y), fractions of the upright source
+    animation_format: str = ""
 
 
 def parse_spec(request, config):
@@ -963,7 +1017,8 @@ def parse_spec(request, config):
         max_bytes=profile.max_bytes, progressive=profile.progressive,
         bg=_colour_param(params, "bg", config.bg),
         keep_copyright=config.keep_copyright, png_palette=config.png_palette,
-        network=network, dpr=dpr, vary=tuple(sorted(vary)))
+        network=network, dpr=dpr, vary=tuple(sorted(vary)),
+        animation_format=_choose_animation_format(params, request, config, image_format))
     if placeholder:
         # a few hundred bytes: no budget to search, no scans, no copyright line, no
         # PNG kept for alpha (see plan_output)
@@ -1148,6 +1203,18 @@ def _choose_format(params, request, config, vary, placeholder=False):
         preferred = tuple(name for name in preferred if name != "avif")
     name = negotiate_format(request.header("Accept")[1] or "", preferred)
     return name, not FORMATS[name][2], vary | {"Accept"}
+
+
+def _choose_animation_format(params, request, config, image_format):
+    """The format an animated source goes out in with all its frames, "" for its
+    first frame alone: WebP where the request names it, or where format=auto and
+    Accept takes it (before AVIF: animated AVIF is not offered)."""
+    if params.get("format") != "auto":
+        return "webp" if image_format == "webp" else ""
+    accept = request.header("Accept")[1] or ""
+    if "webp" in config.auto_formats and negotiate_format(accept, ("webp",)) == "webp":
+        return "webp"
+    return ""
 
 
 def _int_param(params, name, low, high, default):
@@ -1408,11 +1475,18 @@ class Source:
 class Facts:
     """What the key needs to know of a source, read from its header without decoding:
     its upright size, whether it has transparency, and its EXIF orientation (decided
-    here, once: the pipeline applies this one)."""
+    here, once: the pipeline applies this one).
+
+    `frames` is how many frames an animation has, counted up to MAX_COUNTED_FRAMES
+    + 1 (2 for other sources with more than one picture, such as a TIFF's pages);
+    `still_reason` is "" or the code (STILL_REASONS) of why the frames cannot all
+    be served whatever the request."""
 
     size: tuple
     alpha: bool
     orientation: int = 1
+    frames: int = 1
+    still_reason: str = ""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -1422,7 +1496,9 @@ class Plan:
 
     `region` is the part of the upright source shown (cover crops it), resized to
     `size`; `canvas` is the output (larger than `size` only for pad, which places
-    the image at `offset` on bg).
+    the image at `offset` on bg). `frames` is "s" for a still source, the number of
+    frames where all go out (an animated WebP), else the code of why only the first
+    does (STILL_REASONS).
 
     `smart` is set when gravity=smart crops: the region's size is known but not its
     place, which the resize step finds on the decoded image (see smart_focus). It
@@ -1439,6 +1515,7 @@ class Plan:
     alpha: bool
     uses_bg: bool
     smart: tuple = ()
+    frames: str = "s"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -1469,6 +1546,7 @@ class Rendered:
     plan: Plan
     timings: tuple
     animated: bool = False
+    frames: str = ""
 
 
 def stat_source(spec, config):
@@ -1755,22 +1833,155 @@ def open_image(file, config):
 
 
 def probe_file(path, config):
-    """The Facts of a source file, from its header alone (Pillow opens lazily)."""
+    """The Facts of a source file, from its header alone (Pillow opens lazily); an
+    animation's blocks are walked to count its frames."""
     try:
         with open(path, "rb") as file:
-            return facts_of(open_image(file, config))
+            image = open_image(file, config)
+            data = b""
+            if _has_frames_to_count(image):
+                file.seek(0)
+                data = file.read(config.max_source_bytes + 1)
+            return facts_of(image, data)
     except OSError as error:
         raise NotFound("no such image", f"{path!r}: {error.strerror}") from None
 
 
-def facts_of(image):
-    """Upright size and transparency of an opened (not decoded) image."""
+def facts_of(image, data=b""):
+    """Upright size, transparency and frames of an opened (not decoded) image;
+    `data` is the source's bytes (an animation's frames are counted in them)."""
     width, height = image.size
     orientation = _orientation(image)
     upright = (height, width) if orientation in (5, 6, 7, 8) else (width, height)
     alpha = (image.mode in ("RGBA", "LA", "PA", "La", "RGBa")
              or "transparency" in image.info)
-    return Facts(upright, alpha, orientation)
+    if not _has_frames_to_count(image):
+        animated = _is_animated(image)  # a TIFF's pages, say: its first alone goes out
+        return Facts(upright, alpha, orientation, 2 if animated else 1, "a" if animated else "")
+    scan = scan_frames(image, data)
+    if len(scan.durations) < 2 and not scan.problem:
+        return Facts(upright, alpha, orientation)
+    # an animation is at least two frames, however few could be read
+    return Facts(upright, alpha, orientation, max(2, len(scan.durations)), scan.problem)
+
+
+def _has_frames_to_count(image):
+    """Whether the source's frames are counted by scan_frames(): an animated WebP or
+    APNG (their headers say so), and every GIF (Pillow's is_animated walks a GIF's
+    first frame, sub-block by sub-block, in Python: unbounded)."""
+    return image.format == "GIF" or (image.format in ANIMATED_FORMATS and _is_animated(image))
+
+
+@dataclasses.dataclass(frozen=True)
+class FrameScan:
+    """An animation's frames as its blocks describe them, nothing decoded: how long
+    each is shown (ms, as browsers show them), how many of Pillow's frames come
+    before the animation (an APNG's default image), and "" or the code
+    (STILL_REASONS) of what keeps the frames from being served."""
+
+    durations: tuple
+    skip: int = 0
+    problem: str = ""
+
+
+class _Unscannable(Exception):
+    """An animation's blocks end early, or go on past MAX_SCANNED_BLOCKS."""
+
+
+def scan_frames(image, data):
+    """The FrameScan of an animated GIF, WebP or APNG, from its bytes: bounded by
+    MAX_COUNTED_FRAMES and MAX_SCANNED_BLOCKS, whatever the file claims."""
+    try:
+        durations, skip, problem = FRAME_SCANNERS[image.format](image, data)
+    except (_Unscannable, IndexError, struct.error):
+        return FrameScan((), 0, "x")
+    shown = tuple(SHOWN_FOR_SHORTEST_MS if ms <= SHORTEST_FRAME_MS else min(ms, LONGEST_FRAME_MS)
+                  for ms in durations)
+    return FrameScan(shown, skip, problem)
+
+
+def _gif_frames(image, data):
+    """A GIF's blocks: each frame's delay from the graphic control extension before
+    it; a frame reaching past the canvas (Pillow would grow the canvas, so every
+    frame after it) or a byte that starts no block ends the scan."""
+    durations, delay, blocks = [], 0, 0
+    flags = data[10]
+    position = 13 + (3 << ((flags & 7) + 1) if flags & 0x80 else 0)  # the global palette
+    while position < len(data) and data[position] != 0x3B:  # the trailer
+        if len(durations) > MAX_COUNTED_FRAMES:
+            break
+        if data[position] == 0x21:  # an extension: 0xF9 gives the next frame's delay
+            if data[position + 1] == 0xF9 and data[position + 2] >= 4:
+                delay = struct.unpack_from("<H", data, position + 4)[0] * 10
+            position += 2
+        elif data[position] == 0x2C:  # a frame: its extent, palette, LZW code size
+            left, top, width, height, flags = struct.unpack_from("<4HB", data, position + 1)
+            if left + width > image.width or top + height > image.height:
+                return durations, 0, "o"
+            position += 11 + (3 << ((flags & 7) + 1) if flags & 0x80 else 0)
+            durations.append(delay)
+            delay = 0
+        else:
+            return durations, 0, "x"
+        position, blocks = _after_sub_blocks(data, position, blocks)
+    return durations, 0, ""
+
+
+def _after_sub_blocks(data, position, blocks):
+    """The position after a run of GIF sub-blocks (each a length byte and that many
+    bytes; a 0 ends the run), and the blocks walked so far, at most MAX_SCANNED_BLOCKS."""
+    while True:
+        blocks += 1
+        if blocks > MAX_SCANNED_BLOCKS:
+            raise _Unscannable()
+        if not data[position]:
+            return position + 1, blocks
+        position += data[position] + 1
+
+
+def _webp_frames(image, data):
+    """An animated WebP's ANMF chunks (libwebp checked the file when it opened)."""
+    durations, position = [], 12
+    for _ in range(MAX_SCANNED_BLOCKS):
+        if position + 8 > len(data) or len(durations) > MAX_COUNTED_FRAMES:
+            break
+        kind, size = struct.unpack_from("<4sI", data, position)
+        if kind == b"ANMF":  # X, Y, width and height (3 bytes each), then the duration
+            durations.append(int.from_bytes(data[position + 20:position + 23], "little"))
+        position += 8 + size + (size & 1)
+    else:
+        raise _Unscannable()
+    expected = min(image.n_frames, MAX_COUNTED_FRAMES + 1)
+    return durations, 0, "" if len(durations) == expected else "x"
+
+
+def _png_frames(image, data):
+    """An APNG's fcTL chunks, as many as its acTL declares (Pillow's n_frames, which
+    counts a default image shown before the animation as one more)."""
+    durations, skip, position, seen_image = [], 0, 8, False
+    for _ in range(MAX_SCANNED_BLOCKS):
+        if position + 8 > len(data) or len(durations) > MAX_COUNTED_FRAMES:
+            break
+        length, kind = struct.unpack_from(">I4s", data, position)
+        if kind == b"fcTL":
+            width, height, left, top, numerator, denominator = struct.unpack_from(
+                ">4I2H", data, position + 12)
+            if left + width > image.width or top + height > image.height:
+                return durations, skip, "x"  # Pillow refuses such a frame
+            skip = skip or int(seen_image and not durations)
+            durations.append(numerator * 1000 // (denominator or 100))
+        seen_image = seen_image or kind == b"IDAT"
+        if kind == b"IEND":
+            break
+        position += 12 + length
+    else:
+        raise _Unscannable()
+    declared = min(image.n_frames - skip, MAX_COUNTED_FRAMES + 1)
+    return durations[:declared], skip, "" if len(durations) >= declared else "x"
+
+
+#: How each animated format's frames are counted, by Pillow's format name.
+FRAME_SCANNERS = {"GIF": _gif_frames, "WEBP": _webp_frames, "PNG": _png_frames}
 
 
 def plan_output(facts, spec, config):
@@ -1793,12 +2004,36 @@ def plan_output(facts, spec, config):
     if spec.placeholder:
         size, canvas, offset = _placeholder_geometry(size, canvas, offset)
     output_format = "png" if spec.png_for_alpha and facts.alpha else spec.format
+    frames = _plan_frames(facts, spec, config, canvas)
+    if frames.isdigit():
+        output_format = spec.animation_format
     # a placeholder is flattened onto bg in any format: alpha would cost more bytes
-    # than the picture, and under a blur a background colour shows the same
-    alpha = facts.alpha and FORMATS[output_format][2] and not spec.placeholder
+    # than the picture, and under a blur a background colour shows the same; an
+    # animation keeps alpha (a frame may clear what the first one showed)
+    alpha = (facts.alpha or frames.isdigit()) and FORMATS[output_format][2] and (
+        not spec.placeholder)
     uses_bg = (facts.alpha and not alpha) or canvas != size
     return Plan(facts.size, region, size, canvas, offset, output_format, alpha, uses_bg,
-                smart)
+                smart, frames)
+
+
+def _plan_frames(facts, spec, config, canvas):
+    """Plan.frames: "s" for a still source; the frame count, where every frame goes
+    out (within max_frames, and max_animation_pixels counting each frame at the
+    source's size or the output's, whichever is larger); else the code of why the
+    first frame alone does (STILL_REASONS)."""
+    if facts.frames < 2:
+        return "s"
+    if spec.placeholder or not spec.animation_format:
+        return "a"
+    if facts.still_reason:
+        return facts.still_reason
+    if facts.frames > config.max_frames:
+        return "n"
+    frame_pixels = max(facts.size[0] * facts.size[1], canvas[0] * canvas[1])
+    if facts.frames * frame_pixels > config.max_animation_pixels:
+        return "p"
+    return str(facts.frames)
 
 
 def _placeholder_geometry(size, canvas, offset):
@@ -1890,6 +2125,8 @@ def image_key(spec, plan, identity):
         # the region's place is found after decoding, the same every time; the
         # field is only there when smart crops, so other keys stay as they were
         fields["smart"] = True
+    if plan.frames != "s":  # an animated source: all its frames, or why the first alone
+        fields["frames"] = plan.frames
     canonical = json.dumps(fields, sort_keys=True)
     return hashlib.sha256(canonical.encode()).hexdigest()[:32]
 
@@ -1901,8 +2138,8 @@ def render(source_data, spec, config, transforms=None):
     fails after that is a bug of the server's own (500)."""
     started = time.perf_counter()
     image = open_image(source_data, config)
-    return render_opened(image, facts_of(image), source_data, spec, config, transforms,
-                         started)
+    return render_opened(image, facts_of(image, source_data), source_data, spec, config,
+                         transforms, started)
 
 
 def render_opened(image, facts, source_data, spec, config, transforms=None, started=None,
@@ -1917,23 +2154,28 @@ def render_opened(image, facts, source_data, spec, config, transforms=None, star
               LRU(TRANSFORM_CACHE_SIZE) if transforms is None else transforms,
               time.monotonic() + config.max_render_seconds, config.max_render_mb * 1024 * 1024,
               upright, draft)
-    animated, copyright_line = _is_animated(image), _copyright(image, spec)
-    image = decode(image, job, source_data)
+    copyright_line = _copyright(image, spec)
+    source = image = decode(image, job, source_data)
     decoded = time.perf_counter()
     for step in PIPELINE:
         image = step(image, job)
     resized = time.perf_counter()
-    data, image, quality = encode(image, job, copyright_line)
+    if plan.frames.isdigit():  # the later frames are decoded and resized as they are encoded
+        data, image, quality, frames = encode_animation(image, source, job, source_data,
+                                                        copyright_line)
+    else:
+        (data, image, quality), frames = encode(image, job, copyright_line), plan.frames
     finished = time.perf_counter()
     timings = (("decode", decoded - started), ("resize", resized - decoded),
                ("encode", finished - resized))
     return Rendered(data, plan.format, image.width, image.height, quality, facts, plan,
-                    timings, animated)
+                    timings, facts.frames > 1, frames)
 
 
 def _is_animated(image):
-    """Whether the source has frames after the first (which alone is served). The
-    further pictures of a multi-picture JPEG (previews, depth maps) are no frames."""
+    """Whether the source has frames after the first, as Pillow says (a GIF's are
+    counted by scan_frames instead). The further pictures of a multi-picture JPEG
+    (previews, depth maps) are no frames."""
     if image.format == "MPO":
         return False
     try:
@@ -2004,6 +2246,10 @@ def _exif_value(raw, order, entry, kind, count):
     return None
 
 
+#: What Pillow raises for a broken file, once it reads pixels.
+DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, IndexError, KeyError)
+
+
 def decode(image, job, data):
     """Shrink-on-load (JPEG DCT scaling to about the planned scale), judge the cost,
     then decode. A broken file fails here, the one step that may: 422."""
@@ -2023,7 +2269,7 @@ def decode(image, job, data):
     image.decodermaxblock = max(image.decodermaxblock, MAX_DECODER_BLOCK)
     # Pillow reports broken files through these, and only once it reads pixels; the
     # AVIF plugin raises RuntimeError for frames its decoder cannot decode
-    broken = (OSError, SyntaxError, ValueError, EOFError, IndexError, KeyError) + (
+    broken = DECODE_ERRORS + (
         (RuntimeError,) if image.format == "AVIF" else ())
     try:
         image.load()
@@ -2036,6 +2282,14 @@ def decode(image, job, data):
 def _check_cost(image, job, data):
     """Refuse (422) a source whose render would take more than max_render_mb, or a
     JPEG with more than MAX_JPEG_SCANS scans, judged before any pixel is decoded."""
+    needed = _render_bytes(image, job, data)
+    if needed > job.max_render_bytes:
+        raise Unprocessable("source would take more than max_render_mb to render",
+                            f"{image.format} {image.mode} {image.size}: {needed} bytes")
+
+
+def _render_bytes(image, job, data):
+    """The memory a render of this source takes (of one frame), from its header."""
     source_pixels = job.plan.source[0] * job.plan.source[1]
     if image.format in ("JPEG", "MPO"):
         # 0xFFDA starts a scan; inside coded data 0xFF is always followed by 0 or RSTn
@@ -2053,9 +2307,7 @@ def _check_cost(image, job, data):
         if "transparency" in image.info:
             per_pixel += TRANSPARENCY_BYTES_PER_PIXEL
         needed = source_pixels * per_pixel
-    if needed > job.max_render_bytes:
-        raise Unprocessable("source would take more than max_render_mb to render",
-                            f"{image.format} {image.mode} {image.size}: {needed} bytes")
+    return needed
 
 
 #: Items and extents, all counted together, an AVIF container may have (a photo
@@ -2560,6 +2812,105 @@ def encode(image, job, copyright_line=None):
     return data, image, quality
 
 
+def encode_animation(first, source, job, data, copyright_line=None):
+    """Every frame of an animated source as one animated WebP, each frame decoded,
+    run through the pipeline and encoded in turn (see _Frames), with its duration
+    and the loop count: (bytes, the first frame, quality, frames as Plan.frames).
+
+    Where the animation cannot go out, its first frame does, as encode() makes it
+    within the byte budget, and frames is the code of why: over the budget (the
+    first frame alone is already, or the whole animation), past max_render_seconds,
+    or a frame that cannot be decoded."""
+    spec, canvas = job.spec, job.plan.canvas
+
+    def still(code):
+        return (*encode(first, job, copyright_line), code)
+    encoder_bytes = canvas[0] * canvas[1] * ANIMATION_ENCODER_BYTES_PER_PIXEL
+    if _render_bytes(source, job, data) + encoder_bytes > job.max_render_bytes:
+        return still("m")
+    if spec.max_bytes and len(_save(first, "webp", spec, spec.quality)) > spec.max_bytes:
+        return still("b")  # no animation is smaller than its first frame
+    scan, loop = scan_frames(source, data), _loop_count(source)
+    first = first.copy() if first is source else first  # the encoder seeks the source
+    indices = range(scan.skip, scan.skip + len(scan.durations))
+    exif = _copyright_exif(copyright_line) if copyright_line else b""
+    try:
+        head = _frame(source, job, indices[0]) if scan.skip else first
+        head.info = {}
+        encoded = _save_animation(head, _Frames(source, job, indices[1:]), scan.durations,
+                                  loop, spec, exif)
+    except _StillFrame as stopped:
+        return still(stopped.code)
+    if spec.max_bytes and len(encoded) > spec.max_bytes:
+        return still("b")
+    return encoded, head, spec.quality, job.plan.frames
+
+
+def _save_animation(head, rest, durations, loop, spec, exif):
+    """Encode an animated WebP: `head` and the frames of `rest`, shown for `durations`."""
+    buffer = io.BytesIO()
+    head.save(buffer, "WEBP", save_all=True, append_images=[rest], duration=list(durations),
+              loop=loop, quality=encoder_quality("webp", spec.quality),
+              method=WEBP_ANIMATION_METHOD, minimize_size=WEBP_ANIMATION_MINIMIZE, exif=exif)
+    return buffer.getvalue()
+
+
+def _loop_count(source):
+    """How many times the animation plays, as WebP counts (0 for ever, at most
+    MAX_LOOP_COUNT). A GIF's NETSCAPE count is of the plays after the first (browsers
+    play n + 1 times), and a GIF without one plays once."""
+    loop = source.info.get("loop")
+    if source.format == "GIF":
+        loop = 1 if loop is None else loop + 1 if 0 < loop < MAX_LOOP_COUNT else loop
+    return min(loop or 0, MAX_LOOP_COUNT)
+
+
+class _StillFrame(Exception):
+    """The animation cannot go out whole; `code` (STILL_REASONS) says why."""
+
+    def __init__(self, code):
+        super().__init__(code)
+        self.code = code
+
+
+def _frame(source, job, index):
+    """Frame `index` of a decoded source, composited onto the full canvas by Pillow's
+    reader and run through the pipeline as the first was. Raises _StillFrame past
+    the render's deadline, or where the frame cannot be decoded."""
+    if time.monotonic() > job.deadline:
+        raise _StillFrame("t")
+    try:
+        source.seek(index)
+        source.load()
+    except DECODE_ERRORS as error:
+        log.info("frame %d of %s cannot be decoded: %r", index, job.spec.name or job.spec.url,
+                 error)
+        raise _StillFrame("x") from None
+    frame = source
+    for step in PIPELINE:
+        frame = step(frame, job)
+    return frame.copy() if frame is source else frame  # the next seek changes the source
+
+
+class _Frames:
+    """Frames of a decoded source as Pillow's animated WebP encoder takes the ones
+    after the first: an image with n_frames and seek() (Pillow's append_images takes
+    multi-frame images), whose other attributes are those of the frame sought. Each
+    frame is made by _frame() when sought and dropped at the next seek, so at most
+    one full-size frame is held at a time, however many there are."""
+
+    def __init__(self, source, job, indices):
+        self.source, self.job, self.indices = source, job, indices
+        self.n_frames, self.current = len(indices), None
+
+    def seek(self, index):
+        self.current = None  # free the last frame before making the next
+        self.current = _frame(self.source, self.job, self.indices[index])
+
+    def __getattr__(self, name):
+        return getattr(self.current, name)
+
+
 def _fit_width(full, data, size, output_format, spec, quality, palette, deadline):
     """(bytes, image, size) of the widest scaled copy of `full` that fits the budget
     at this quality, in a few encodes. Each guess follows bytes ~ scale ** exponent
@@ -2784,7 +3135,7 @@ def master_pays(image, facts):
     """Whether a source (opened, not decoded) is worth a master: large, opaque, one
     frame, and slow to decode (see MASTER_MIN_BASELINE_PIXELS)."""
     pixels = facts.size[0] * facts.size[1]
-    if facts.alpha or pixels < MASTER_MIN_PIXELS or _is_animated(image):
+    if facts.alpha or pixels < MASTER_MIN_PIXELS or facts.frames > 1:
         return False
     if image.format in ("JPEG", "MPO") and not (image.info.get("progressive")
                                                 or image.info.get("progression")):
@@ -2864,7 +3215,11 @@ FIGURES_FILE = ".figures.json"
 class CacheEntry:
     """An encoded result on disk; everything a response needs is in its file name,
     with a CRC-32 of the content checked on every hit:
-    KEY.SOURCE.WxH.qQUALITY.FRAMES.LENGTH.CRC.FORMAT"""
+    KEY.SOURCE.WxH.qQUALITY.FRAMES.LENGTH.CRC.FORMAT
+
+    FRAMES is `frames` where set (a Rendered's: the frame count of an animated
+    answer, or the code of why an animated source gave its first frame), else "a"
+    for an animated source and "s" for a still one."""
 
     key: str
     source: str
@@ -2875,19 +3230,21 @@ class CacheEntry:
     length: int
     crc: int
     format: str
+    frames: str = ""
 
     @property
     def name(self):
+        frames = self.frames or ("a" if self.animated else "s")
         return (f"{self.key}.{self.source}.{self.width}x{self.height}.q{self.quality}."
-                f"{'a' if self.animated else 's'}.{self.length}.{self.crc:08x}.{self.format}")
+                f"{frames}.{self.length}.{self.crc:08x}.{self.format}")
 
     @classmethod
     def parse(cls, name):
         try:
             key, source, size, quality, frames, length, crc, fmt = name.split(".")
             width, height = size.split("x")
-            return cls(key, source, int(width), int(height), int(quality[1:]), frames == "a",
-                       int(length), int(crc, 16), fmt)
+            return cls(key, source, int(width), int(height), int(quality[1:]), frames != "s",
+                       int(length), int(crc, 16), fmt, frames)
         except ValueError:
             return None
 
@@ -2895,7 +3252,7 @@ class CacheEntry:
     def of(cls, key, source, rendered):
         return cls(key, source, rendered.width, rendered.height, rendered.quality,
                    rendered.animated, len(rendered.data), zlib.crc32(rendered.data),
-                   rendered.format)
+                   rendered.format, rendered.frames)
 
 
 def source_tag(name):
@@ -3224,11 +3581,20 @@ def image_response(spec, produced, config):
         ("X-Image-Size", f"{entry.width}x{entry.height}"),
         ("X-Image-Quality", str(entry.quality)),
         ("X-Image-Network", spec.network),
-    ) + ((("X-Image-Frames", "first (the source is animated)"),) if entry.animated else ())
+    ) + ((("X-Image-Frames", frames_header(entry)),) if entry.animated else ())
     # a file's identity has its size; a remote source's size is unknown to a cache hit
     source_bytes = None if spec.url else produced.source.identity[1]
     return Response(200, headers, produced.body, entry.length, entry.key, produced.hit,
                     source_bytes)
+
+
+def frames_header(entry):
+    """X-Image-Frames of an animated source's answer: "all (N)" where every frame
+    went out, else "first (REASON)" (STILL_REASONS)."""
+    frames = entry.frames or "a"
+    if frames.isascii() and frames.isdigit():
+        return f"all ({int(frames)})"
+    return f"first ({STILL_REASONS.get(frames, STILL_REASONS['a'])})"
 
 
 def not_modified_response(spec, source, config, key):
@@ -3884,7 +4250,7 @@ class App:
         the answer can come from one, make the master first (once across processes:
         the master's lock) and render from it."""
         image = open_image(source.data, self.config)
-        facts = facts_of(image)
+        facts = facts_of(image, source.data)
         if (self.cache is None or not master_pays(image, facts)
                 or not master_serves(plan_output(facts, spec, self.config), master_size(facts))):
             return render_opened(image, facts, source.data, spec, self.config, self.transforms)
