@@ -4260,7 +4260,15 @@ class App:
             if kept:  # another process made it while we waited
                 return self._from_master(*kept, spec, ("master", 0.0, "kept"))
             started = time.perf_counter()
-            data = make_master(image, facts, source.data, self.config, self.transforms)
+            try:
+                data = make_master(image, facts, source.data, self.config, self.transforms)
+            except Unprocessable as error:
+                # decoded at 2048 px, a source may take more than max_render_mb where
+                # this answer, decoded at its own scale, would not: answer without
+                log.info("no master of %s: %s", spec.url or source.path, error.message)
+                image = open_image(source.data, self.config)
+                return render_opened(image, facts, source.data, spec, self.config,
+                                     self.transforms)
             self.cache.store(CacheEntry(key, source_tag(spec.url or source.identity[0]),
                                         *master_size(facts), MASTER_QUALITY, False,
                                         len(data), zlib.crc32(data), "jpeg"), data)
