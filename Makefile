@@ -70,6 +70,8 @@ bench: setup .venv-bench/.ready
 	$(VENV)/bin/python bench/encoding.py
 	$(VENV)/bin/python bench/throughput.py
 	taskset -c 1 $(VENV)/bin/python bench/placeholders.py
+	taskset -c 1 $(VENV)/bin/python bench/masters.py
+	taskset -c 1 $(VENV)/bin/python bench/variants.py
 	taskset -c 1 $(VENV)/bin/python bench/crops.py
 	$(VENV)/bin/python bench/sharding.py
 	$(VENV)/bin/python bench/metrics.py --svg docs/metrics-saved.svg

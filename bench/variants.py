@@ -1,0 +1,186 @@
+"""What a site's variants cost: every answer a page asks of a photo, uncached, by
+dynimg (decoding each large source once into its master) and by libvips
+(`thumbnail` from the source for each), interleaved, on one core.
+
+    taskset -c 1 .venv/bin/python bench/variants.py [--photos N]     (make bench)
+
+For each large corpus photo: widths 360 480 640 800 1080 1600 x classes default,
+2g, 3g, 4g x JPEG, WebP and AVIF clients x dpr 1 and 2 (where the class allows 2),
+in a shuffled order that interleaves widths and sources as a site sees them. dynimg
+answers through its WSGI app with an empty result cache; libvips then makes the same
+answer (dynimg's size, format and encoder quality, so the same work comes out) in
+its own process. Both are timed in CPU ms inside their own process. Then a sample
+of the answers made from masters is scored with SSIMULACRA2 against the same
+answers made from the source (no cache): what the master costs a person.
+"""
+
+import argparse
+import collections
+import io
+import json
+import os
+import random
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+from PIL import Image
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+sys.path.insert(0, os.path.dirname(HERE))
+sys.path.insert(0, os.path.join(os.path.dirname(HERE), "tests"))
+
+import dynimg  # noqa: E402
+from conftest import App, write_config  # noqa: E402
+from measure import BENCH_PYTHON, Scorer, corpus_dir, corpus_files  # noqa: E402
+
+WIDTHS = (360, 480, 640, 800, 1080, 1600)
+CLASSES = ("default", "2g", "3g", "4g")
+CLIENTS = ("jpeg", "webp", "avif")
+
+
+def variants(config, photos):
+    chosen = []
+    for path in photos:
+        for width in WIDTHS:
+            for network in CLASSES:
+                for dpr in (1, 2) if config.profiles[network].max_dpr >= 2 else (1,):
+                    for client in CLIENTS:
+                        chosen.append((os.path.basename(path), width, network, dpr, client))
+    random.Random(16).shuffle(chosen)
+    return chosen
+
+
+def query(width, network, dpr, client):
+    return f"width={width}&dpr={dpr}&bandwidth={network}&format={client}"
+
+
+class Libvips:
+    def __init__(self):
+        self.process = subprocess.Popen(
+            [BENCH_PYTHON, os.path.join(HERE, "vips_variant_worker.py")],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+
+    def make(self, job):
+        self.process.stdin.write(json.dumps(job) + "\n")
+        self.process.stdin.flush()
+        return json.loads(self.process.stdout.readline())
+
+    def close(self):
+        self.process.stdin.close()
+        self.process.wait()
+
+
+def run(app, libvips, chosen):
+    rows = []
+    for name, width, network, dpr, client in chosen:
+        started = time.process_time()
+        reply = app.request("/" + name, query(width, network, dpr, client))
+        ms = (time.process_time() - started) * 1000
+        assert reply.status == 200, (name, reply.status)
+        size = [int(side) for side in reply.headers["X-Image-Size"].split("x")]
+        quality = int(reply.headers["X-Image-Quality"])
+        timing = reply.headers["Server-Timing"]
+        vips = libvips.make({
+            "path": os.path.join(corpus_dir(), name), "width": size[0], "height": size[1],
+            "format": client, "q": dynimg.encoder_quality(client, quality),
+            "progressive": app.config.profiles[network].progressive
+            and size[0] * size[1] >= dynimg.PROGRESSIVE_MIN_PIXELS})
+        rows.append({"name": name, "width": width, "network": network, "dpr": dpr,
+                     "client": client, "ms": ms, "bytes": len(reply.body),
+                     "vips_ms": vips["ms"], "vips_bytes": vips["bytes"],
+                     "master": "made" if "desc=made" in timing else
+                     "kept" if "desc=kept" in timing else "none"})
+    return rows
+
+
+def scores(cached, direct, rows):
+    """SSIMULACRA2 of answers made from masters (dpr 1, default and 3g) and of the
+    same answers made from the source, against the source's whole decode scaled to
+    the answer's size: (lost, name, width, class, client) each."""
+    scorer, lost = Scorer(), []
+    for row in rows:
+        if row["dpr"] != 1 or row["network"] not in ("default", "3g") or row["master"] == "none":
+            continue
+        wanted = query(row["width"], row["network"], 1, row["client"])
+        replies = [app.request("/" + row["name"], wanted) for app in (cached, direct)]
+        images = [Image.open(io.BytesIO(reply.body)).convert("RGB") for reply in replies]
+        whole = Image.open(os.path.join(corpus_dir(), row["name"])).convert("RGB")
+        reference = whole.resize(images[1].size, Image.Resampling.LANCZOS)
+        master_score, source_score = scorer.score([(reference, image) for image in images])
+        lost.append((source_score - master_score, row["name"], row["width"], row["network"],
+                     row["client"]))
+    scorer.close()
+    return lost
+
+
+def report(rows, lost):
+    by_source = collections.defaultdict(lambda: [0.0, 0.0, 0, 0])
+    for row in rows:
+        totals = by_source[row["name"]]
+        totals[0] += row["ms"]
+        totals[1] += row["vips_ms"]
+        totals[2] += row["bytes"]
+        totals[3] += row["vips_bytes"]
+    print("\n| source | variants | dynimg CPU s | libvips CPU s | ratio | bytes, dynimg/libvips |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for name, (ms, vips_ms, sent, vips_sent) in sorted(by_source.items()):
+        count = sum(row["name"] == name for row in rows)
+        print(f"| {name} | {count} | {ms / 1000:.1f} | {vips_ms / 1000:.1f} | "
+              f"{ms / vips_ms:.2f} | {sent / vips_sent:.2f} |")
+    print(f"| all | {len(rows)} | {sum(r['ms'] for r in rows) / 1000:.1f} | "
+          f"{sum(r['vips_ms'] for r in rows) / 1000:.1f} | "
+          f"{sum(r['ms'] for r in rows) / sum(r['vips_ms'] for r in rows):.2f} | |")
+    print("\n| client | dynimg ms per variant (median) | libvips | ratio of totals |")
+    print("|---|---:|---:|---:|")
+    for client in CLIENTS:
+        chosen = [row for row in rows if row["client"] == client]
+        print(f"| {client} | {statistics.median(r['ms'] for r in chosen):.0f} | "
+              f"{statistics.median(r['vips_ms'] for r in chosen):.0f} | "
+              f"{sum(r['ms'] for r in chosen) / sum(r['vips_ms'] for r in chosen):.2f} |")
+    kinds = collections.Counter(row["master"] for row in rows)
+    print(f"\nanswers: {kinds['made']} made a master, {kinds['kept']} came from one, "
+          f"{kinds['none']} from the source (wider than a master serves)")
+    avif = {(r["name"], r["dpr"]): r["ms"] for r in rows if r["width"] == 800 and
+            r["network"] == "default" and r["client"] == "avif" and r["master"] != "made"}
+    jpeg = {(r["name"], r["dpr"]): r["ms"] for r in rows if r["width"] == 800 and
+            r["network"] == "default" and r["client"] == "jpeg" and r["master"] != "made"}
+    common = sorted(set(avif) & set(jpeg))
+    if common:
+        print("AVIF / JPEG render time, 800 px default class: " + ", ".join(
+            f"{name} dpr {dpr}: {avif[name, dpr] / jpeg[name, dpr]:.2f}"
+            for name, dpr in common))
+    if lost:
+        values = [value for value, *_ in lost]
+        worst = max(lost)
+        print(f"SSIMULACRA2 lost to the master over {len(lost)} answers: median "
+              f"{statistics.median(values):+.2f}, worst {worst[0]:+.2f} ({worst[1:]})")
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--photos", type=int, default=3)
+    args = parser.parse_args()
+    photos = [path for path in corpus_files("photo")
+              if Image.open(path).width * Image.open(path).height >= dynimg.MASTER_MIN_PIXELS]
+    photos = photos[:args.photos]
+    dynimg.tune_malloc()
+    with tempfile.TemporaryDirectory() as folder:
+        cached = App(dynimg.load_config(write_config(os.path.join(folder, "a"), corpus_dir())))
+        direct = App(dynimg.load_config(write_config(os.path.join(folder, "b"), corpus_dir(),
+                                                     cache={"cache_dir": ""})))
+        chosen = variants(cached.config, photos)
+        print(f"{len(chosen)} variants of {len(photos)} photos "
+              f"({', '.join(os.path.basename(p) for p in photos)}), one core")
+        libvips = Libvips()
+        rows = run(cached, libvips, chosen)
+        libvips.close()
+        lost = scores(cached, direct, rows)
+    report(rows, lost)
+
+
+if __name__ == "__main__":
+    main()
