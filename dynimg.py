@@ -27,7 +27,6 @@ import contextlib
 import ctypes
 import dataclasses
 import email.utils
-import errno
 import fcntl
 import hashlib
 import hmac
@@ -4282,9 +4281,11 @@ class App:
         one with pixels enough for spec's answer; else None. A master that does not
         open as one is removed (it cannot be trusted for any answer)."""
         known = self.facts.get(stated.identity)
-        if self.cache is None or (isinstance(known, Facts)
-                                  and known.size[0] * known.size[1] < MASTER_MIN_PIXELS):
-            return None
+        if self.cache is None or (isinstance(known, Facts) and (
+                known.size[0] * known.size[1] < MASTER_MIN_PIXELS
+                or not master_serves(plan_output(known, spec, self.config),
+                                     master_size(known)))):
+            return None  # known without reading a master: none, or too small for this
         hit = self.cache.lookup(master_key(stated.identity))
         if hit is None:
             return None
