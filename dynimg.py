@@ -77,7 +77,7 @@ except ImportError:
 VERSION = "0.1.0"
 
 #: Part of every image key; raise it whenever the same request would give other bytes.
-PROCESSING_VERSION = 3
+PROCESSING_VERSION = 4
 
 #: Output formats users may name: Pillow's format name, the media type, alpha support.
 FORMATS = {
@@ -96,6 +96,17 @@ LOSSY_FORMATS = ("jpeg", "webp", "avif")
 #: 0.73x at 400 px); preset 6 saves 4-6 % more at 3-4x the time; aom needs speed 6
 #: (~280 ms) to do better, rav1e speed 8 (~200 ms).
 AVIF_ENCODERS = (("svt", 8), ("aom", 9), ("rav1e", 10))
+
+#: Answers of at most this many pixels (a 400-480 px wide photo) get the slower
+#: settings below, which cost little there and are kept: per 400 px answer (bench/
+#: formats.py --speeds, corpus photos, one core, medians), SVT-AV1 preset 6 is
+#: 4.1 % smaller at equal SSIMULACRA2 for 34 ms against 10, WebP method 6 3.8 %
+#: smaller for 23 ms against 11. At 800 px they would be 89 ms against 28 (4.8 %)
+#: and 76 against 38 (0.7 %); at 1600 px, 278 against 83 and 258 against 142.
+#: Faster settings do not pay for a server for slow networks: preset 9 takes 0.7x
+#: the time for 6-7 % more bytes, WebP method 2 half for 8-17 % more.
+SMALL_ANSWER_PIXELS = 200_000
+AVIF_SMALL_ANSWER_SPEEDS = {"svt": 6}
 
 #: SVT-AV1 refuses images under 4 px on a side (and, multi-threaded, could hang on
 #: the next encode after such a refusal): those few pixels go to aom.
@@ -244,8 +255,10 @@ QUALITY_EQUIVALENTS = {
     "avif": {1: 15, 20: 36, 30: 46, 40: 52, 50: 56, 60: 58, 70: 64, 80: 75, 90: 88, 100: 100},
 }
 
-#: WebP method: 4 is 3 % smaller than 2 at 2.5x the time; 6 saves 4 % more at 2.3x again.
+#: WebP method: 4 is 8-17 % smaller than 2 at 2-2.5x the time (3 is as fast and
+#: no smaller); small answers take 6 (see SMALL_ANSWER_PIXELS).
 WEBP_METHOD = 4
+WEBP_SMALL_ANSWER_METHOD = 6
 
 #: Animated WebP (bench/animation.py): method 4 is 6-57 % smaller than 0 at twice
 #: the CPU; trying every frame both as a key frame and as a change (minimize_size)
@@ -3056,7 +3069,9 @@ def _save(image, output_format, spec, quality, palette=False):
     metadata written is what encode() put in image.info."""
     buffer = io.BytesIO()
     exif = image.info.get("exif", b"")
-    small = image.width * image.height <= PNG_OPTIMIZE_MAX_PIXELS
+    pixels = image.width * image.height
+    small = pixels <= PNG_OPTIMIZE_MAX_PIXELS
+    small_answer = pixels <= SMALL_ANSWER_PIXELS
     if output_format == "png":
         if palette:
             alpha = image.mode in ("RGBA", "LA")
@@ -3069,11 +3084,14 @@ def _save(image, output_format, spec, quality, palette=False):
                                                 {"compress_level": PNG_LARGE_COMPRESS_LEVEL}))
     elif output_format == "webp":
         image.save(buffer, "WEBP", quality=encoder_quality("webp", quality),
-                   method=WEBP_METHOD, exif=exif)
+                   method=WEBP_SMALL_ANSWER_METHOD if small_answer else WEBP_METHOD,
+                   exif=exif)
     elif output_format == "avif":
         codec, speed = AVIF_ENCODER
         if codec == "svt" and min(image.size) < SVT_MIN_SIDE and AVIF_TINY_ENCODER:
             codec, speed = AVIF_TINY_ENCODER
+        if small_answer:
+            speed = AVIF_SMALL_ANSWER_SPEEDS.get(codec, speed)
         # one thread: renders already run side by side, one a core; 4:2:0 for grey
         # images too, as SVT-AV1 cannot encode monochrome (4:0:0)
         with _own_scheduling():
@@ -3660,6 +3678,7 @@ def avif_build():
         return None
     codec, speed = AVIF_ENCODER
     return {"libavif": avif_codec.libavif_version, "encoder": codec, "speed": speed,
+            "speed_small_answers": AVIF_SMALL_ANSWER_SPEEDS.get(codec, speed),
             "codecs": avif_codec.codec_versions()}
 
 

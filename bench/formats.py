@@ -9,8 +9,13 @@ SSIMULACRA2 on the tuning photos (the delivery benchmark reports on others).
 2. The quality scale: for each JPEG quality, the WebP and AVIF quality that scores
    the same on each photo and size; dynimg.QUALITY_EQUIVALENTS takes the upper
    quartile, so that three photos in four look at least as good as in JPEG.
+3. Speed settings by size (--speeds, alone): SVT-AV1 presets, encoder threads and
+   WebP methods at 400, 800 and 1600 px, against the setting dynimg uses: CPU ms,
+   wall ms (threads), bytes at equal SSIMULACRA2 and the score at the same
+   quality setting, medians over the photos.
 
     .venv/bin/python bench/formats.py --scale-only      (part 2 alone)
+    taskset -c 0,1 .venv/bin/python bench/formats.py --speeds     (part 3 alone)
 """
 
 import io
@@ -91,6 +96,62 @@ def encoders(scorer, references):
                   f"{statistics.median(ratios):.2f} |", flush=True)
 
 
+SPEED_WIDTHS = (400, 800, 1600)
+SPEED_PHOTOS = ("photo-large-1.jpg", "photo-large-2.jpg", "photo-large-3.jpg",
+                "photo-medium-2.jpg")
+#: (label, format, options) of each setting tried; the first of a format is what
+#: dynimg uses past SMALL_ANSWER_PIXELS
+SPEED_SETTINGS = [("svt 8", "AVIF", {"codec": "svt", "speed": 8, "max_threads": 1})] + [
+    (f"svt {speed}", "AVIF", {"codec": "svt", "speed": speed, "max_threads": 1})
+    for speed in (4, 6, 7, 9, 10)] + [
+    ("svt 8, 2 threads", "AVIF", {"codec": "svt", "speed": 8, "max_threads": 2}),
+    ("aom 9", "AVIF", {"codec": "aom", "speed": 9, "max_threads": 1})] + [
+    (f"webp method {method}", "WEBP", {"method": method}) for method in (4, 0, 1, 2, 3, 5, 6)]
+SPEED_GRID = {"AVIF": (40, 50, 58, 64, 75, 88), "WEBP": (48, 61, 71, 81, 88, 93)}
+
+
+def timed_encode(image, image_format, **options):
+    """encode() with wall time as well: (data, CPU ms, wall ms, decoded)."""
+    started = time.perf_counter()
+    data, milliseconds, decoded = encode(image, image_format, **options)
+    return data, milliseconds, (time.perf_counter() - started) * 1000, decoded
+
+
+def speeds(scorer):
+    """Part 3: each setting against the first one of its format, on each photo and
+    width: bytes at the base's score at the base's usual quality (AVIF 75, WebP 88:
+    JPEG 80 on dynimg's scale), and the score lost at that same quality."""
+    print("| setting | width | CPU ms | wall ms | bytes at equal score | "
+          "score at the same quality |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for width in SPEED_WIDTHS:
+        references = [photo(name, width) for name in SPEED_PHOTOS]
+        base = {}
+        for label, image_format, options in SPEED_SETTINGS:
+            grid = SPEED_GRID[image_format]
+            usual = grid[-2]
+            cpu, wall, ratios, deltas = [], [], [], []
+            for index, reference in enumerate(references):
+                encoded = [timed_encode(reference, image_format, quality=quality, **options)
+                           for quality in grid]
+                scores = scorer.score([(reference, decoded) for *_, decoded in encoded])
+                curve = [(score, len(data)) for score, (data, *_) in zip(scores, encoded)]
+                at_usual = scores[grid.index(usual)]
+                key = (image_format, index)
+                if key not in base:
+                    base[key] = (at_usual, len(encoded[grid.index(usual)][0]))
+                size = along(curve, base[key][0], 1)
+                if size:
+                    ratios.append(size / base[key][1])
+                deltas.append(at_usual - base[key][0])
+                cpu.append(encoded[grid.index(usual)][1])
+                wall.append(encoded[grid.index(usual)][2])
+            print(f"| {label} | {width} | {statistics.median(cpu):.0f} | "
+                  f"{statistics.median(wall):.0f} | "
+                  f"{statistics.median(ratios) if ratios else float('nan'):.3f} | "
+                  f"{statistics.median(deltas):+.2f} |", flush=True)
+
+
 def quality_scale(scorer, references):
     curves = {}  # format -> list of (photo curve: [(score, quality)])
     jpeg_scores = {quality: [] for quality in JPEG_QUALITIES}
@@ -126,6 +187,13 @@ def quality_scale(scorer, references):
 def main():
     if not dynimg.AVIF_ENCODER:
         sys.exit("the AVIF plugin is not installed (make with AVIF=yes)")
+    if "--speeds" in sys.argv:
+        scorer = Scorer()
+        try:
+            speeds(scorer)
+        finally:
+            scorer.close()
+        return
     references = {width: [(name, photo(name, width)) for name in TUNING_PHOTOS]
                   for width in WIDTHS}
     scorer = Scorer()

@@ -104,6 +104,18 @@ def test_an_avif_encode_leaves_the_threads_scheduling_alone(app):
     assert (os.sched_getscheduler(0), os.sched_getparam(0)) == before
 
 
+@pytest.mark.parametrize("width, method, speed", [(400, 6, 6), (800, 4, 8)])
+def test_small_answers_take_the_slower_smaller_encoder_settings(app, monkeypatch, width,
+                                                                method, speed):
+    save, options = Image.Image.save, {}
+    monkeypatch.setattr(Image.Image, "save", lambda image, buffer, kind, **kwargs: (
+        options.__setitem__(kind, kwargs), save(image, buffer, kind, **kwargs))[1])
+    for fmt in ("webp", "avif"):
+        assert app.request("/photo-large-2.jpg", f"width={width}&format={fmt}").status == 200
+    assert options["WEBP"]["method"] == method
+    assert options["AVIF"]["speed"] == speed and options["AVIF"]["codec"] == "svt"
+
+
 def test_avif_quality_follows_the_jpeg_scale(app):
     """quality= means the same look in every format: AVIF at a quality is smaller
     than JPEG at it, and grows with it."""
