@@ -184,6 +184,39 @@ def test_budget_search_takes_two_or_three_encodes_not_a_bisection(shipped, corpu
     assert sum(count <= 3 for count in counts) >= len(counts) * 0.75, counts
 
 
+@pytest.mark.parametrize("name", ["photo-large-1.jpg", "photo-large-3.jpg", "photo-phone.jpg"])
+def test_a_large_answer_far_over_its_budget_is_never_encoded_whole(shipped, corpus, name,
+                                                                    monkeypatch):
+    """A 3200 px answer in 120 kB: a small copy says it cannot fit at 3g's quality,
+    so the search starts from that prediction, not from an encode of 6-7 Mpx."""
+    with open(os.path.join(corpus, name), "rb") as file:
+        data = file.read()
+    save = dynimg._save
+    encoded = []  # (width, quality) of each encode
+    monkeypatch.setattr(dynimg, "_save", lambda image, *args: encoded.append(
+        (image.width, args[2])) or save(image, *args))
+    spec = spec_for(shipped, "bandwidth=3g&width=1600&dpr=2")
+    rendered = dynimg.render(data, spec, shipped)
+    assert len(rendered.data) <= spec.max_bytes < len(data)
+    assert (3200, spec.quality) not in encoded, encoded
+    assert encoded[0][0] * 4 < 3200 and len(encoded) <= 3, encoded  # the copy, then 1-2
+    assert 1000 < rendered.width < 3200
+
+
+def test_a_large_answer_within_its_budget_is_encoded_once(shipped, corpus, monkeypatch):
+    """Where the budget is generous for the pixels (4g at 3200 px), no copy is made."""
+    with open(os.path.join(corpus, "photo-large-1.jpg"), "rb") as file:
+        data = file.read()
+    save = dynimg._save
+    widths = []
+    monkeypatch.setattr(dynimg, "_save", lambda image, *args: widths.append(image.width)
+                        or save(image, *args))
+    spec = spec_for(shipped, "bandwidth=4g&width=1600&dpr=2")
+    rendered = dynimg.render(data, spec, shipped)
+    assert widths == [3200] and rendered.width == 3200
+    assert len(rendered.data) <= spec.max_bytes
+
+
 def test_an_image_that_cannot_fit_is_sent_and_logged(shipped, corpus, caplog):
     tight = dynimg.dataclasses.replace(spec_for(shipped, "bandwidth=2g&width=800"), max_bytes=50)
     with open(os.path.join(corpus, "photo-medium-2.jpg"), "rb") as file:
