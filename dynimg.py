@@ -386,6 +386,23 @@ RENDER_BYTES_PER_PIXEL = {"1": 2, "L": 2, "P": 6, "RGB": 6, "YCbCr": 6, "LA": 9,
 #: planes at 16 bits (up to 6 bytes a pixel more at 4:4:4).
 DECODER_BYTES_PER_PIXEL = {"WEBP": 19, "JPEG2000": 20, "AVIF": 19}
 
+#: What a still answer takes on top of the source's render, per pixel of the answer:
+#: the answer itself (Pillow holds RGB in 4 bytes) and its encoder's working memory
+#: (peak RSS growth of a fresh process in Image.save, a photo at 1000-4000 px, on
+#: top of ~10 MB for any AVIF encode): SVT-AV1 17-26 bytes, WebP 1-6.3, JPEG 2-2.6,
+#: PNG up to 1.4. AVIF's is what counts: a 4000x4000 AVIF answer takes ~500 MB,
+#: however small its source (tests/test_limits.py checks these on the codecs).
+ANSWER_BYTES_PER_PIXEL = 4
+ENCODER_BYTES_PER_PIXEL = {"avif": 28, "webp": 7, "jpeg": 3, "png": 2}
+
+#: So a negotiated (format=auto) answer larger than this goes out in the next format
+#: the client takes: as AVIF it would take ~260 MB with its encoder, and with the
+#: decode of a large source more than max_render_mb (then a 422 a browser cannot
+#: avoid); as WebP, 90 MB. Past 8 Mpx, the client is a high-density screen on a
+#: fast network, where AVIF's 20-25 % fewer bytes matter least. format=avif asks
+#: for AVIF whatever its size, within max_render_mb.
+AUTO_AVIF_MAX_PIXELS = 8_000_000
+
 #: A source with a transparent colour (tRNS, a GIF's transparent index) is first
 #: made LA or RGBA, full size: measured 7.7 bytes a pixel more for 1-bit, grey and
 #: palette sources, 4.3 for 16-bit grey.
@@ -1010,6 +1027,8 @@ class Spec:
     placeholder: bool = False
     focal_point: tuple = ()  # gravity=fp: (X, Y), fractions of the upright source
     animation_format: str = ""
+    # a negotiated AVIF answer of more than AUTO_AVIF_MAX_PIXELS goes out in this
+    large_answer_format: str = ""
 
 
 def parse_spec(request, config):
@@ -1043,7 +1062,8 @@ def parse_spec(request, config):
         bg=_colour_param(params, "bg", config.bg),
         keep_copyright=config.keep_copyright, png_palette=config.png_palette,
         network=network, dpr=dpr, vary=tuple(sorted(vary)),
-        animation_format=_choose_animation_format(params, request, config, image_format))
+        animation_format=_choose_animation_format(params, request, config, image_format),
+        large_answer_format=_large_answer_format(params, request, config, image_format))
     if placeholder:
         # a few hundred bytes: no budget to search, no scans, no copyright line, no
         # PNG kept for alpha (see plan_output)
@@ -1228,6 +1248,15 @@ def _choose_format(params, request, config, vary, placeholder=False):
         preferred = tuple(name for name in preferred if name != "avif")
     name = negotiate_format(request.header("Accept")[1] or "", preferred)
     return name, not FORMATS[name][2], vary | {"Accept"}
+
+
+def _large_answer_format(params, request, config, image_format):
+    """Where format=auto chose AVIF, the format a large answer goes out in instead:
+    the next auto format the client takes (see AUTO_AVIF_MAX_PIXELS); else ""."""
+    if params.get("format") != "auto" or image_format != "avif":
+        return ""
+    return negotiate_format(request.header("Accept")[1] or "",
+                            tuple(name for name in config.auto_formats if name != "avif"))
 
 
 def _choose_animation_format(params, request, config, image_format):
@@ -2029,6 +2058,9 @@ def plan_output(facts, spec, config):
     if spec.placeholder:
         size, canvas, offset = _placeholder_geometry(size, canvas, offset)
     output_format = "png" if spec.png_for_alpha and facts.alpha else spec.format
+    if output_format == "avif" and spec.large_answer_format and (
+            canvas[0] * canvas[1] > AUTO_AVIF_MAX_PIXELS):
+        output_format = spec.large_answer_format
     frames = _plan_frames(facts, spec, config, canvas)
     if frames.isdigit():
         output_format = spec.animation_format
@@ -2305,17 +2337,20 @@ def decode(image, job, data):
 
 
 def _check_cost(image, job, data):
-    """Refuse (422) a source whose render would take more than max_render_mb, or a
-    JPEG with more than MAX_JPEG_SCANS scans, judged before any pixel is decoded."""
+    """Refuse (422) a render (source and answer) that would take more than
+    max_render_mb, or a JPEG with more than MAX_JPEG_SCANS scans, judged before any
+    pixel is decoded."""
     needed = _render_bytes(image, job, data)
     if needed > job.max_render_bytes:
-        raise Unprocessable("source would take more than max_render_mb to render",
+        raise Unprocessable("source and answer would take more than max_render_mb to render",
                             f"{image.format} {image.mode} {image.size}: {needed} bytes")
 
 
 def _render_bytes(image, job, data):
-    """The memory a render of this source takes (of one frame), from its header."""
-    source_pixels = job.plan.source[0] * job.plan.source[1]
+    """The memory a render of this source takes (of one frame), from its header,
+    and, for a still answer, of the answer and its encoder."""
+    plan = job.plan
+    source_pixels = plan.source[0] * plan.source[1]
     if image.format in ("JPEG", "MPO"):
         # 0xFFDA starts a scan; inside coded data 0xFF is always followed by 0 or RSTn
         if data.count(b"\xff\xda") > MAX_JPEG_SCANS:
@@ -2332,6 +2367,9 @@ def _render_bytes(image, job, data):
         if "transparency" in image.info:
             per_pixel += TRANSPARENCY_BYTES_PER_PIXEL
         needed = source_pixels * per_pixel
+    if not plan.frames.isdigit():  # an animation's encoder is counted in encode_animation
+        needed += plan.canvas[0] * plan.canvas[1] * (
+            ANSWER_BYTES_PER_PIXEL + ENCODER_BYTES_PER_PIXEL[plan.format])
     return needed
 
 

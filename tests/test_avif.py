@@ -116,6 +116,28 @@ def test_small_answers_take_the_slower_smaller_encoder_settings(app, monkeypatch
     assert options["AVIF"]["speed"] == speed and options["AVIF"]["codec"] == "svt"
 
 
+@pytest.mark.parametrize("width, accept, expected", [
+    (2000, CHROME, "avif"), (4000, CHROME, "webp"),
+    (4000, "image/avif,image/*", "jpeg"), (4000, "image/avif,image/webp;q=0", "jpeg")])
+def test_a_negotiated_avif_larger_than_its_bound_takes_the_next_format(app, width, accept,
+                                                                       expected):
+    """photo-large-1 at 4000 px is 9 Mpx: as AVIF, its encoder and the 20 Mpx decode
+    would pass max_render_mb; format=auto sends the next format the client takes."""
+    reply = app.request("/photo-large-1.jpg", f"width={width}&format=auto",
+                        headers={"Accept": accept})
+    assert reply.status == 200 and reply.headers["Content-Type"] == f"image/{expected}"
+    assert reply.image().width == width
+
+
+def test_asked_for_by_name_a_large_avif_is_made_or_refused_by_max_render_mb(app):
+    made = app.request("/photo-large-1.jpg", "width=4000&format=avif")
+    assert made.status == 200 and made.headers["Content-Type"] == "image/avif"
+    # 12 Mpx of AVIF (~380 MB) on the decode of a progressive 13 Mpx JPEG (~160 MB)
+    refused = app.request("/photo-large-3.jpg", "width=4000&format=avif")
+    assert refused.status == 422 and "max_render_mb" in refused.headers["X-Image-Error"]
+    assert app.request("/photo-large-3.jpg", "width=4000&format=webp").status == 200
+
+
 def test_avif_quality_follows_the_jpeg_scale(app):
     """quality= means the same look in every format: AVIF at a quality is smaller
     than JPEG at it, and grows with it."""

@@ -14,6 +14,7 @@ import socket
 import ssl
 import struct
 import subprocess
+import sys
 import threading
 import time
 import urllib.parse
@@ -314,6 +315,53 @@ def test_a_render_is_judged_before_it_decodes_by_the_memory_it_takes(hostile_app
     roomier = hostile_app(limits={"max_render_mb": "80"})
     assert roomier.request("/hostile/photo.jp2", "width=100").status == 200
     assert roomier.request("/photo-large-2.jpg", "width=100").status == 200
+
+
+@pytest.mark.parametrize("fmt, refused", [("avif", True), ("webp", False), ("jpeg", False)])
+def test_the_answer_and_its_encoder_count_against_max_render_mb(hostile_app, fmt, refused):
+    """However small the source, a 4000x4000 AVIF answer takes ~400 MB with its
+    encoder: with 200 MB a render, a photo forced into that box is a 422 as AVIF, and
+    renders in the formats whose encoders take a few bytes a pixel."""
+    if fmt == "avif" and not dynimg.AVIF_ENCODER:
+        pytest.skip("AVIF plugin not installed")
+    reply = hostile_app(limits={"max_render_mb": "200"}).request(
+        "/photo-medium-1.jpg", f"width=4000&height=4000&forcefit=1&format={fmt}")
+    if refused:
+        assert reply.status == 422 and "max_render_mb" in reply.headers["X-Image-Error"]
+    else:
+        assert reply.status == 200 and image_size(reply) == (4000, 4000)
+
+
+ENCODER_MEMORY = r"""
+import io, re, sys
+from PIL import Image
+import dynimg
+image = Image.open(sys.argv[2])
+image.draft("RGB", (1500, 1000))
+image = image.convert("RGB")
+peak = lambda: int(re.search(r"VmHWM:\s+(\d+)", open("/proc/self/status").read())[1]) * 1024
+open("/proc/self/clear_refs", "w").write("5")  # peak RSS from here on
+before = peak()
+dynimg._save(image, sys.argv[1], None, 80)
+print((peak() - before) / (image.width * image.height))
+"""
+
+
+@pytest.mark.parametrize("fmt", ["avif", "webp"])
+def test_the_encoder_memory_counted_is_what_the_encoder_takes(corpus, fmt):
+    """ENCODER_BYTES_PER_PIXEL against the installed codec: encoding a photo of 1.5
+    Mpx grows a fresh process by no more than it says (and AVIF's by more than a few
+    bytes, or the figure would refuse answers for nothing)."""
+    if fmt == "avif" and not dynimg.AVIF_ENCODER:
+        pytest.skip("AVIF plugin not installed")
+    measured = float(subprocess.run(
+        [sys.executable, "-c", ENCODER_MEMORY, fmt, os.path.join(corpus, "photo-large-2.jpg")],
+        capture_output=True, text=True,
+        check=True, cwd=conftest.PROJECT, env=dict(os.environ, PYTHONPATH=conftest.PROJECT)
+    ).stdout)
+    assert measured <= dynimg.ENCODER_BYTES_PER_PIXEL[fmt]
+    if fmt == "avif":
+        assert measured >= dynimg.ENCODER_BYTES_PER_PIXEL[fmt] / 2
 
 
 def exif_bomb(tags, size):
