@@ -363,7 +363,7 @@ BYTES_BY_SCALE_LOWEST = 1.25
 #: whole (4g's 500 kB at 3200 px: 3 of 4), and the copy would be an encode more.
 BUDGET_PROBE_MIN_PIXELS = 1_000_000
 BUDGET_PROBE_MAX_BYTES_PER_PIXEL = 0.05
-BUDGET_PROBE_PIXELS = 250_000
+BUDGET_PROBE_PIXELS = 250_000  # over SMALL_ANSWER_PIXELS: the whole's encoder settings
 
 #: What opening a source may read before its pixel data: every corpus file needs
 #: at most 53 reads and 43 kB. Past these, the header is a 422: a header stuffed
@@ -396,12 +396,15 @@ ANSWER_BYTES_PER_PIXEL = 4
 ENCODER_BYTES_PER_PIXEL = {"avif": 28, "webp": 7, "jpeg": 3, "png": 2}
 
 #: So a negotiated (format=auto) answer larger than this goes out in the next format
-#: the client takes: as AVIF it would take ~260 MB with its encoder, and with the
-#: decode of a large source more than max_render_mb (then a 422 a browser cannot
-#: avoid); as WebP, 90 MB. Past 8 Mpx, the client is a high-density screen on a
-#: fast network, where AVIF's 20-25 % fewer bytes matter least. format=avif asks
-#: for AVIF whatever its size, within max_render_mb.
+#: the client takes: as AVIF it would take ~260 MB with its encoder; as WebP, 90 MB.
+#: Past 8 Mpx, the client is a high-density screen on a fast network, where AVIF's
+#: 20-25 % fewer bytes matter least. Smaller answers do the same where the source's
+#: decode, judged as a progressive JPEG's (RGB and its coefficients, 12 bytes a
+#: pixel: the plan knows the source's size alone, so that a master plans the same),
+#: would take the AVIF render past max_render_mb: a 422 a browser cannot avoid.
+#: format=avif asks for AVIF whatever its size, within max_render_mb.
 AUTO_AVIF_MAX_PIXELS = 8_000_000
+PLANNED_SOURCE_BYTES_PER_PIXEL = 12
 
 #: A source with a transparent colour (tRNS, a GIF's transparent index) is first
 #: made LA or RGBA, full size: measured 7.7 bytes a pixel more for 1-bit, grey and
@@ -2057,10 +2060,14 @@ def plan_output(facts, spec, config):
     smart = size if spec.gravity == "smart" and _crops(region, facts.size) else ()
     if spec.placeholder:
         size, canvas, offset = _placeholder_geometry(size, canvas, offset)
-    output_format = "png" if spec.png_for_alpha and facts.alpha else spec.format
-    if output_format == "avif" and spec.large_answer_format and (
-            canvas[0] * canvas[1] > AUTO_AVIF_MAX_PIXELS):
+    output_format = spec.format
+    if output_format == "avif" and spec.large_answer_format and _avif_too_large(
+            facts, canvas, config):
         output_format = spec.large_answer_format
+    # a negotiated format without alpha gives way to PNG for a source with alpha
+    if facts.alpha and not FORMATS[output_format][2] and (
+            spec.png_for_alpha or output_format != spec.format):
+        output_format = "png"
     frames = _plan_frames(facts, spec, config, canvas)
     if frames.isdigit():
         output_format = spec.animation_format
@@ -2072,6 +2079,17 @@ def plan_output(facts, spec, config):
     uses_bg = (facts.alpha and not alpha) or canvas != size
     return Plan(facts.size, region, size, canvas, offset, output_format, alpha, uses_bg,
                 smart, frames)
+
+
+def _avif_too_large(facts, canvas, config):
+    """Whether a negotiated AVIF answer of this canvas is past AUTO_AVIF_MAX_PIXELS,
+    or would, with the decode of a source of this size, take more than max_render_mb
+    (as WebP it takes a third)."""
+    pixels = canvas[0] * canvas[1]
+    source_bytes = facts.size[0] * facts.size[1] * PLANNED_SOURCE_BYTES_PER_PIXEL
+    answer_bytes = pixels * (ANSWER_BYTES_PER_PIXEL + ENCODER_BYTES_PER_PIXEL["avif"])
+    return (pixels > AUTO_AVIF_MAX_PIXELS
+            or source_bytes + answer_bytes > config.max_render_mb * 1024 * 1024)
 
 
 def _plan_frames(facts, spec, config, canvas):
@@ -2343,7 +2361,8 @@ def _check_cost(image, job, data):
     needed = _render_bytes(image, job, data)
     if needed > job.max_render_bytes:
         raise Unprocessable("source and answer would take more than max_render_mb to render",
-                            f"{image.format} {image.mode} {image.size}: {needed} bytes")
+                            f"{image.format} {image.mode} {image.size} to "
+                            f"{job.plan.format} {job.plan.canvas}: {needed} bytes")
 
 
 def _render_bytes(image, job, data):
@@ -2367,10 +2386,10 @@ def _render_bytes(image, job, data):
         if "transparency" in image.info:
             per_pixel += TRANSPARENCY_BYTES_PER_PIXEL
         needed = source_pixels * per_pixel
-    if not plan.frames.isdigit():  # an animation's encoder is counted in encode_animation
-        needed += plan.canvas[0] * plan.canvas[1] * (
-            ANSWER_BYTES_PER_PIXEL + ENCODER_BYTES_PER_PIXEL[plan.format])
-    return needed
+    # an animation too: where it cannot go out whole, its first frame goes out still
+    # (encode_animation adds the animation encoder's memory)
+    return needed + plan.canvas[0] * plan.canvas[1] * (
+        ANSWER_BYTES_PER_PIXEL + ENCODER_BYTES_PER_PIXEL[plan.format])
 
 
 #: Items and extents, all counted together, an AVIF container may have (a photo
@@ -3017,7 +3036,7 @@ def _fit_width(full, data, size, output_format, spec, quality, palette, deadline
 def _probed_size(image, output_format, spec):
     """The bytes a large budgeted answer is predicted to take at its quality, from
     an encode of a small copy, when even the prediction least over the budget is
-    over it (so the whole image is never encoded only to be thrown away); None,
+    over it (so the whole image is not encoded at a quality that cannot fit); None,
     to encode it whole, otherwise."""
     pixels = image.width * image.height
     if pixels < BUDGET_PROBE_MIN_PIXELS or (
@@ -4423,6 +4442,8 @@ class App:
                 return self._fitted_picture(name, path, spec)
             except (Busy, MemoryError):
                 raise
+            except Unprocessable as error:  # fitted, it would take more than the limits
+                log.info("error picture %s not fitted: %s", path, error.message)
             except Exception:  # the picture is broken, or a bug: the answer still goes out
                 log.exception("cannot fit the error picture %s", path)
         try:

@@ -121,18 +121,39 @@ def test_small_answers_take_the_slower_smaller_encoder_settings(app, monkeypatch
     (4000, "image/avif,image/*", "jpeg"), (4000, "image/avif,image/webp;q=0", "jpeg")])
 def test_a_negotiated_avif_larger_than_its_bound_takes_the_next_format(app, width, accept,
                                                                        expected):
-    """photo-large-1 at 4000 px is 9 Mpx: as AVIF, its encoder and the 20 Mpx decode
-    would pass max_render_mb; format=auto sends the next format the client takes."""
+    """photo-large-1 at 4000 px is 9 Mpx, past AUTO_AVIF_MAX_PIXELS: format=auto
+    sends the next format the client takes."""
     reply = app.request("/photo-large-1.jpg", f"width={width}&format=auto",
                         headers={"Accept": accept})
     assert reply.status == 200 and reply.headers["Content-Type"] == f"image/{expected}"
     assert reply.image().width == width
 
 
+def test_a_large_answer_with_alpha_falls_back_to_png_not_to_jpeg(app):
+    reply = app.request("/png-alpha.png", "width=3000&height=3000&forcefit=1&format=auto",
+                        headers={"Accept": "image/avif,image/*"})
+    assert reply.status == 200 and reply.headers["Content-Type"] == "image/png"
+    assert reply.image().mode in ("RGBA", "LA", "P")
+
+
+def test_a_negotiated_avif_that_would_pass_max_render_mb_with_its_decode_falls_back(
+        tmp_path, image_root):
+    """7.7 Mpx of AVIF (246 MB) on a 13 Mpx source judged as a progressive JPEG (160 MB)
+    is over a 300 MB limit: WebP then, where format=avif is a 422."""
+    tight = App(dynimg.load_config(write_config(str(tmp_path), image_root,
+                                                limits={"max_render_mb": "300"})))
+    query = "width=3200&format="
+    negotiated = tight.request("/photo-large-3.jpg", query + "auto", headers={"Accept": CHROME})
+    assert negotiated.status == 200 and negotiated.headers["Content-Type"] == "image/webp"
+    assert tight.request("/photo-large-3.jpg", query + "avif").status == 422
+    assert tight.request("/photo-large-3.jpg", "width=2000&format=auto",
+                         headers={"Accept": CHROME}).headers["Content-Type"] == "image/avif"
+
+
 def test_asked_for_by_name_a_large_avif_is_made_or_refused_by_max_render_mb(app):
     made = app.request("/photo-large-1.jpg", "width=4000&format=avif")
     assert made.status == 200 and made.headers["Content-Type"] == "image/avif"
-    # 12 Mpx of AVIF (~380 MB) on the decode of a progressive 13 Mpx JPEG (~160 MB)
+    # 12 Mpx of AVIF (~390 MB) on the decode of a progressive 13 Mpx JPEG (~160 MB)
     refused = app.request("/photo-large-3.jpg", "width=4000&format=avif")
     assert refused.status == 422 and "max_render_mb" in refused.headers["X-Image-Error"]
     assert app.request("/photo-large-3.jpg", "width=4000&format=webp").status == 200
