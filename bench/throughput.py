@@ -1,17 +1,23 @@
-"""Throughput over HTTP on 127.0.0.1, with wrk: an uncached render against thumbor's,
-a result-cache hit through dynimg (Python), a hit from Apache's cache in front
-(apache/cache.conf, what `make serve` ships), the same file served statically by
-the same Apache (the ceiling), and the same image through Varnish in front.
+"""Throughput over HTTP on 127.0.0.1: an uncached render against thumbor's (wrk), a
+site's variant mix against thumbor's (bench/variants.py's variants of the large
+photos, each asked once, 16 at a time: dynimg with an empty result cache, so masters
+are made and used; thumbor asked for the same widths, formats and class qualities),
+then with wrk a result-cache hit through dynimg (Python), a hit from Apache's cache
+in front (apache/cache.conf, what `make serve` ships), the same file served
+statically by the same Apache (the ceiling), and the same image through Varnish.
 
     .venv/bin/python bench/throughput.py [--seconds 10] [--connections 16]
     .venv/bin/python bench/throughput.py --scaling     (processes x threads)
 
 Needs wrk, varnishd, the venv and thumbor in .venv-bench (`make bench` installs
-them). Ratios are measured in the same run: hits against the static file, the
-uncached render against thumbor's.
+them). Ratios are measured in the same run: hits against the static file, renders
+against thumbor's; rates count 200 answers only (a quick 503 "busy" is not work done).
 """
 
 import argparse
+import collections
+import concurrent.futures
+import http.client
 import os
 import re
 import shutil
@@ -27,6 +33,9 @@ PROJECT = os.path.dirname(HERE)
 sys.path.insert(0, HERE)
 
 from measure import corpus_dir  # noqa: E402
+
+sys.path.insert(0, PROJECT)
+import dynimg as dynimg_module  # noqa: E402
 
 IMAGE = "photo-large-1.jpg"
 
@@ -63,6 +72,9 @@ QUALITY = 80
 #: Seconds of load before each measured hit row.
 WARM_UP_SECONDS = 2
 
+#: A server finishes what it queued after wrk hangs up: a pause before the next run.
+DRAIN_SECONDS = 10
+
 BENCH_BIN = os.path.join(PROJECT, ".venv-bench", "bin")
 
 
@@ -94,13 +106,14 @@ def start(command, env=None):
                             env=env, start_new_session=True)
 
 
-def dynimg_config(folder, cache_dir, log_level="WARNING"):
+def dynimg_config(folder, cache_dir, log_level="WARNING", cache_max_mb=1024):
     """A dynimg.ini in folder for the corpus, with this result cache ("" for none)."""
     config = os.path.join(folder, "dynimg.ini")
     with open(config, "w") as ini:
         ini.write(f"[server]\nimage_root = {corpus_dir()}\nlog_level = {log_level}\n"
                   f"not_found_image = {PROJECT}/404image.png\n"
-                  f"error_image = {PROJECT}/errorimage.png\n[cache]\ncache_dir = {cache_dir}\n")
+                  f"error_image = {PROJECT}/errorimage.png\n[cache]\ncache_dir = {cache_dir}\n"
+                  f"cache_max_mb = {cache_max_mb}\n")
     return config
 
 
@@ -171,6 +184,10 @@ def wrk(url, seconds, connections, script=None):
         command[1:1] = ["-s", script]
     output = subprocess.run(command, capture_output=True, text=True, check=True).stdout
     rate = float(re.search(r"Requests/sec:\s+([\d.]+)", output)[1])
+    requests = int(re.search(r"(\d+) requests in", output)[1])
+    refused = re.search(r"Non-2xx or 3xx responses: (\d+)", output)
+    if refused:  # a quick 503 ("busy") is not throughput: the rate counts answers
+        rate *= 1 - int(refused[1]) / requests
     errors = re.search(r"Non-2xx or 3xx responses: (\d+)|Socket errors: (.*)", output)
     return rate, _latency(output, "50%"), _latency(output, "99%"), errors[0] if errors else ""
 
@@ -178,6 +195,52 @@ def wrk(url, seconds, connections, script=None):
 def _latency(output, percentile):
     value, unit = re.search(rf"{percentile}\s+([\d.]+)(us|ms|s)", output).groups()
     return float(value) * {"us": 0.001, "ms": 1, "s": 1000}[unit]
+
+
+def variant_mix_paths(config):
+    """The paths asking dynimg and thumbor for a site's variants, in the order
+    bench/variants.py sees them: for thumbor, the width dynimg would make at the dpr
+    (no budget: thumbor has none) in the format at the class's quality, on the
+    format's own scale as dynimg encodes it."""
+    from variants import large_photos, query, variants
+    paths = {"dynimg": [], "thumbor": []}
+    chosen = variants(config, large_photos(3))
+    # 800 px at dpr 2 is 1600 px at dpr 1: the same answer, a hit for dynimg
+    paths["distinct"] = len({(name, width * dpr, network, client)
+                             for name, width, network, dpr, client in chosen})
+    for name, width, network, dpr, client in chosen:
+        paths["dynimg"].append(f"/images/{name}?{query(width, network, dpr, client)}")
+        quality = dynimg_module.encoder_quality(client, config.profiles[network].quality)
+        paths["thumbor"].append(f"/unsafe/{width * dpr}x0/filters:format({client}):"
+                                f"quality({quality})/{name}")
+    return paths
+
+
+def ask_all(port, paths, connections):
+    """Every path asked once, `connections` at a time, each on a new connection (wrk
+    cannot stop at the end of a list): (answers/s, p50 ms, p99 ms, errors)."""
+    def ask(path):
+        started = time.monotonic()
+        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+        try:
+            connection.request("GET", path, headers={"Connection": "close"})
+            reply = connection.getresponse()
+            reply.read()
+            status = reply.status
+        except (OSError, http.client.HTTPException) as error:
+            status = type(error).__name__
+        finally:
+            connection.close()
+        return status, (time.monotonic() - started) * 1000
+    started = time.monotonic()
+    with concurrent.futures.ThreadPoolExecutor(connections) as pool:
+        answers = list(pool.map(ask, paths))
+    seconds = time.monotonic() - started
+    times = sorted(ms for _, ms in answers)
+    failed = collections.Counter(status for status, _ in answers if status != 200)
+    return (sum(status == 200 for status, _ in answers) / seconds,
+            times[len(times) // 2], times[int(len(times) * 0.99)],
+            ", ".join(f"{count} x {status}" for status, count in failed.items()))
 
 
 def scaling(args):
@@ -214,9 +277,14 @@ def main():
     os.chmod(folder, 0o755)
     processes, thumbor = [], None
     try:
-        port, front_port, varnish_port, thumbor_port = (free_port() for _ in range(4))
+        port, front_port, varnish_port, thumbor_port, mix_port = (free_port()
+                                                                  for _ in range(5))
         dynimg, cache = start_dynimg(folder, port)
         processes.append(dynimg)
+        mix_folder = os.path.join(folder, "mix")  # a result cache of its own
+        os.makedirs(mix_folder)
+        os.chmod(mix_folder, 0o755)
+        processes.append(start_dynimg(mix_folder, mix_port)[0])
         processes.append(start_dynimg(folder, front_port, front_cache=True)[0])
         processes.append(start_varnish(folder, port, varnish_port))
         thumbor = start_thumbor(folder, thumbor_port)
@@ -232,13 +300,24 @@ def main():
             scripts[name] = os.path.join(folder, f"miss-{name}.lua")
             with open(scripts[name], "w") as file:
                 file.write(MISS_SCRIPT.format(path=path))
+        mix = variant_mix_paths(dynimg_module.load_config(os.path.join(mix_folder,
+                                                                      "dynimg.ini")))
         results = [
             ("uncached render, dynimg (fit a 20 Mpx JPEG to a new width from 202 px)",
              *wrk(f"http://127.0.0.1:{port}/", args.seconds, args.connections, scripts["dynimg"])),
+        ]
+        time.sleep(DRAIN_SECONDS)
+        results += [
+            (f"variant mix, dynimg ({len(mix['dynimg'])} variants of 3 large photos, each "
+             f"once, {mix['distinct']} distinct answers, empty result cache)", *ask_all(mix_port, mix["dynimg"], args.connections)),
             ("uncached render, thumbor 7.8 (2 processes), same requests",
              *wrk(f"http://127.0.0.1:{thumbor_port}/", args.seconds, args.connections,
                   scripts["thumbor"])),
         ]
+        time.sleep(DRAIN_SECONDS)
+        results.append(
+            ("variant mix, thumbor 7.8, same widths, formats and qualities",
+             *ask_all(thumbor_port, mix["thumbor"], args.connections)))
         # thumbor finishes what it queued even after wrk hangs up: stop it before the rest
         stop(thumbor)
         runs = [
@@ -257,8 +336,9 @@ def main():
         for process in processes + [thumbor] * bool(thumbor):
             stop(process)
         shutil.rmtree(folder, ignore_errors=True)
-    baselines = {0: results[1][1], 1: results[1][1]}  # renders: against thumbor
-    static = results[4][1]
+    baselines = {0: results[2][1], 2: results[2][1],  # renders: against thumbor
+                 1: results[3][1], 3: results[3][1]}
+    static = results[6][1]
     print(f"wrk -t2 -c{args.connections} -d{args.seconds}s on 127.0.0.1; mod_wsgi-express "
           "2 processes x 16 threads, --max-clients 64 (as make serve); ratio: renders against thumbor, the rest against "
           "the static file\n")

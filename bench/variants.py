@@ -12,6 +12,10 @@ answer (dynimg's size, format and encoder quality, so the same work comes out) i
 its own process. Both are timed in CPU ms inside their own process. Then a sample
 of the answers made from masters is scored with SSIMULACRA2 against the same
 answers made from the source (no cache): what the master costs a person.
+
+Encodes counts the encoder calls an answer took (a byte budget may need more than
+one); libvips is handed dynimg's final size and quality, so it encodes once.
+`--rows FILE` keeps every answer's figures as JSON.
 """
 
 import argparse
@@ -54,6 +58,15 @@ def variants(config, photos):
     return chosen
 
 
+def large_photos(count):
+    """The first `count` corpus photos large enough for a master."""
+    def pixels(path):
+        with Image.open(path) as image:
+            return image.width * image.height
+    return [path for path in corpus_files("photo")
+            if pixels(path) >= dynimg.MASTER_MIN_PIXELS][:count]
+
+
 def query(width, network, dpr, client):
     return f"width={width}&dpr={dpr}&bandwidth={network}&format={client}"
 
@@ -74,13 +87,45 @@ class Libvips:
         self.process.wait()
 
 
+class EncodeCounter:
+    """Counts dynimg's encoder calls (every still answer's encodes go through _save)."""
+
+    def __init__(self):
+        self.calls, self.save = 0, dynimg._save
+        dynimg._save = self
+
+    def __call__(self, *args, **kwargs):
+        self.calls += 1
+        return self.save(*args, **kwargs)
+
+    def close(self):
+        dynimg._save = self.save
+
+
+def server_timing(value):
+    """{name: ms} of a Server-Timing header's timed entries."""
+    parts = (part.strip().split(";") for part in value.split(","))
+    return {fields[0]: float(fields[-1][4:]) for fields in parts
+            if fields[-1].startswith("dur=")}
+
+
 def run(app, libvips, chosen):
-    rows = []
+    """A row per variant; a variant whose key an earlier one already made (800 px at
+    dpr 2 is 1600 px at dpr 1) is a result-cache hit, kept as a row marked "hit"."""
+    rows, keys = [], set()
+    counter = EncodeCounter()
     for name, width, network, dpr, client in chosen:
+        calls = counter.calls
         started = time.process_time()
         reply = app.request("/" + name, query(width, network, dpr, client))
         ms = (time.process_time() - started) * 1000
         assert reply.status == 200, (name, reply.status)
+        key = reply.headers["X-Image-Key"]
+        if key in keys:
+            rows.append({"name": name, "width": width, "network": network, "dpr": dpr,
+                         "client": client, "hit": True})
+            continue
+        keys.add(key)
         size = [int(side) for side in reply.headers["X-Image-Size"].split("x")]
         quality = int(reply.headers["X-Image-Quality"])
         timing = reply.headers["Server-Timing"]
@@ -90,10 +135,13 @@ def run(app, libvips, chosen):
             "progressive": app.config.profiles[network].progressive
             and size[0] * size[1] >= dynimg.PROGRESSIVE_MIN_PIXELS})
         rows.append({"name": name, "width": width, "network": network, "dpr": dpr,
-                     "client": client, "ms": ms, "bytes": len(reply.body),
+                     "client": client, "hit": False, "ms": ms, "bytes": len(reply.body),
                      "vips_ms": vips["ms"], "vips_bytes": vips["bytes"],
+                     "size": size, "quality": quality, "encodes": counter.calls - calls,
+                     "steps": server_timing(timing),
                      "master": "made" if "desc=made" in timing else
                      "kept" if "desc=kept" in timing else "none"})
+    counter.close()
     return rows
 
 
@@ -103,7 +151,8 @@ def scores(cached, direct, rows):
     the answer's size: (lost, name, width, class, client) each."""
     scorer, lost = Scorer(), []
     for row in rows:
-        if row["dpr"] != 1 or row["network"] not in ("default", "3g") or row["master"] == "none":
+        if (row["hit"] or row["dpr"] != 1 or row["network"] not in ("default", "3g")
+                or row["master"] == "none"):
             continue
         wanted = query(row["width"], row["network"], 1, row["client"])
         replies = [app.request("/" + row["name"], wanted) for app in (cached, direct)]
@@ -118,6 +167,8 @@ def scores(cached, direct, rows):
 
 
 def report(rows, lost):
+    hits = sum(row["hit"] for row in rows)
+    rows = [row for row in rows if not row["hit"]]
     by_source = collections.defaultdict(lambda: [0.0, 0.0, 0, 0])
     for row in rows:
         totals = by_source[row["name"]]
@@ -141,9 +192,25 @@ def report(rows, lost):
         print(f"| {client} | {statistics.median(r['ms'] for r in chosen):.0f} | "
               f"{statistics.median(r['vips_ms'] for r in chosen):.0f} | "
               f"{sum(r['ms'] for r in chosen) / sum(r['vips_ms'] for r in chosen):.2f} |")
+    print("\n| class | answers | encodes per answer (mean) | most | answers of 2+ encodes |")
+    print("|---|---:|---:|---:|---:|")
+    for network in CLASSES:
+        chosen = [row["encodes"] for row in rows if row["network"] == network]
+        print(f"| {network} | {len(chosen)} | {statistics.mean(chosen):.2f} | {max(chosen)} | "
+              f"{sum(count > 1 for count in chosen)} |")
+    print("\n| answer's long side | answers | dynimg CPU s | libvips CPU s | ratio |")
+    print("|---|---:|---:|---:|---:|")
+    for low, high in ((0, dynimg.MASTER_SIDE // 2), (dynimg.MASTER_SIDE // 2, dynimg.MASTER_SIDE),
+                      (dynimg.MASTER_SIDE, 1 << 30)):
+        chosen = [row for row in rows if low < max(row["size"]) <= high]
+        if chosen:
+            ms, vips_ms = sum(r["ms"] for r in chosen), sum(r["vips_ms"] for r in chosen)
+            print(f"| {low + 1}-{high if high < 1 << 30 else ''} px | {len(chosen)} | "
+                  f"{ms / 1000:.1f} | {vips_ms / 1000:.1f} | {ms / vips_ms:.2f} |")
     kinds = collections.Counter(row["master"] for row in rows)
     print(f"\nanswers: {kinds['made']} made a master, {kinds['kept']} came from one, "
-          f"{kinds['none']} from the source (wider than a master serves)")
+          f"{kinds['none']} from the source (wider than a master serves); {hits} more "
+          "were the same image as an earlier variant (a cache hit), left out of both sides")
     avif = {(r["name"], r["dpr"]): r["ms"] for r in rows if r["width"] == 800 and
             r["network"] == "default" and r["client"] == "avif" and r["master"] != "made"}
     jpeg = {(r["name"], r["dpr"]): r["ms"] for r in rows if r["width"] == 800 and
@@ -163,10 +230,9 @@ def report(rows, lost):
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--photos", type=int, default=3)
+    parser.add_argument("--rows", help="write every answer's figures to this JSON file")
     args = parser.parse_args()
-    photos = [path for path in corpus_files("photo")
-              if Image.open(path).width * Image.open(path).height >= dynimg.MASTER_MIN_PIXELS]
-    photos = photos[:args.photos]
+    photos = large_photos(args.photos)
     dynimg.tune_malloc()
     with tempfile.TemporaryDirectory() as folder:
         cached = App(dynimg.load_config(write_config(os.path.join(folder, "a"), corpus_dir())))
@@ -179,6 +245,9 @@ def main():
         rows = run(cached, libvips, chosen)
         libvips.close()
         lost = scores(cached, direct, rows)
+    if args.rows:
+        with open(args.rows, "w", encoding="utf-8") as file:
+            json.dump(rows, file)
     report(rows, lost)
 
 
