@@ -33,32 +33,10 @@ sys.path.insert(0, HERE)
 
 sys.path.insert(0, PROJECT)
 import dynimg  # noqa: E402
+sys.path.insert(0, os.path.join(PROJECT, "tests"))
+from test_load import STATUS_TALLY  # noqa: E402
 from throughput import (dynimg_config, express_command, free_port, start,  # noqa: E402
                         stop, wait_for)
-
-#: Lua that counts the answers by status and prints "status N count" at the end.
-STATUS_TALLY = """
-statuses = {}
-all_threads = {}
-function setup(thread)
-  thread:set("id", #all_threads)
-  table.insert(all_threads, thread)
-end
-response = function(status, headers, body)
-  statuses[status] = (statuses[status] or 0) + 1
-end
-done = function(summary, latency, requests)
-  local total = {}
-  for _, thread in ipairs(all_threads) do
-    for status, count in pairs(thread:get("statuses")) do
-      total[status] = (total[status] or 0) + count
-    end
-  end
-  for status, count in pairs(total) do
-    io.write(string.format("status %d %d\\n", status, count))
-  end
-end
-"""
 
 #: A site's variants: each request a large photo, a width, a class, a client (its
 #: Accept, with format=auto) and a dpr of its own (a few repeat after a while, as

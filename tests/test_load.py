@@ -19,6 +19,31 @@ from conftest import IS_ROOT, ModWsgiExpress, shared_tempdir, write_config
 #: The bound on a daemon process's peak RSS under this load (measured: see README).
 RSS_BOUND_MB = 300
 
+#: wrk Lua that counts the answers by status and prints "status N count" lines at
+#: the end; each wrk thread gets `id` (0, 1, ...).
+STATUS_TALLY = """
+statuses = {}
+all_threads = {}
+function setup(thread)
+  thread:set("id", #all_threads)
+  table.insert(all_threads, thread)
+end
+response = function(status, headers, body)
+  statuses[status] = (statuses[status] or 0) + 1
+end
+done = function(summary, latency, requests)
+  local total = {}
+  for _, thread in ipairs(all_threads) do
+    for status, count in pairs(thread:get("statuses")) do
+      total[status] = (total[status] or 0) + count
+    end
+  end
+  for status, count in pairs(total) do
+    io.write(string.format("status %d %d\\n", status, count))
+  end
+end
+"""
+
 MIX = """
 paths = {
   "/images/photo-medium-1.jpg?width=300",
@@ -31,16 +56,6 @@ paths = {
   "/images/not-image.jpg?width=100",
 }
 counter = 0
-statuses = {}
-threads = {}
-
-setup = function(thread)
-  table.insert(threads, thread)
-end
-
-init = function(args)
-  statuses = {}
-end
 
 request = function()
   counter = counter + 1
@@ -50,23 +65,7 @@ request = function()
   end
   return wrk.format("GET", path)
 end
-
-response = function(status, headers, body)
-  statuses[status] = (statuses[status] or 0) + 1
-end
-
-done = function(summary, latency, requests)
-  local total = {}
-  for _, thread in ipairs(threads) do
-    for status, count in pairs(thread:get("statuses")) do
-      total[status] = (total[status] or 0) + count
-    end
-  end
-  for status, count in pairs(total) do
-    io.write(string.format("status %d %d\\n", status, count))
-  end
-end
-"""
+""" + STATUS_TALLY
 
 
 @pytest.fixture(scope="module")
