@@ -153,7 +153,7 @@ def test_a_negotiated_avif_that_would_pass_max_render_mb_with_its_decode_falls_b
 def test_asked_for_by_name_a_large_avif_is_made_or_refused_by_max_render_mb(app):
     made = app.request("/photo-large-1.jpg", "width=4000&format=avif")
     assert made.status == 200 and made.headers["Content-Type"] == "image/avif"
-    # 12 Mpx of AVIF (~390 MB) on the decode of a progressive 13 Mpx JPEG (~160 MB)
+    # 12 Mpx of AVIF (~500 MB) on the decode of a progressive 13 Mpx JPEG (~160 MB)
     refused = app.request("/photo-large-3.jpg", "width=4000&format=avif")
     assert refused.status == 422 and "max_render_mb" in refused.headers["X-Image-Error"]
     assert app.request("/photo-large-3.jpg", "width=4000&format=webp").status == 200

@@ -319,7 +319,7 @@ def test_a_render_is_judged_before_it_decodes_by_the_memory_it_takes(hostile_app
 
 @pytest.mark.parametrize("fmt, refused", [("avif", True), ("webp", False), ("jpeg", False)])
 def test_the_answer_and_its_encoder_count_against_max_render_mb(hostile_app, fmt, refused):
-    """However small the source, a 4000x4000 AVIF answer takes ~500 MB with its
+    """However small the source, a 4000x4000 AVIF answer takes ~670 MB with its
     encoder: with 200 MB a render, a photo forced into that box is a 422 as AVIF, and
     renders in the formats whose encoders take a few bytes a pixel."""
     if fmt == "avif" and not dynimg.AVIF_ENCODER:
