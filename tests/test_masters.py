@@ -2,9 +2,13 @@
 and its later variants made from it (real photos; one test on a real server)."""
 
 import concurrent.futures
+import http.server
 import io
 import os
 import shutil
+import threading
+import time
+import urllib.parse
 
 import numpy
 import pytest
@@ -193,6 +197,81 @@ def test_concurrent_misses_of_one_source_make_one_master_across_processes(images
         assert len(master_files(dynimg.load_config(config_path))) == 1
     finally:
         shutil.rmtree(folder, ignore_errors=True)
+
+
+class CountingOrigin(http.server.ThreadingHTTPServer):
+    """A loopback origin serving one photo and counting the GETs it answers."""
+    daemon_threads = True
+
+    def __init__(self, photo):
+        self.photo, self.fetches = photo, 0
+        origin = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def do_GET(self):
+                origin.fetches += 1
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(origin.photo)))
+                self.end_headers()
+                self.wfile.write(origin.photo)
+        super().__init__(("127.0.0.1", 0), Handler)
+
+
+@pytest.fixture
+def origin():
+    with open(os.path.join(corpus_dir(), PROGRESSIVE), "rb") as file:
+        server = CountingOrigin(file.read())
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield server
+    server.shutdown()
+    server.server_close()
+
+
+def remote_app(images, folder, refetch_after):
+    return make_app(images, folder, remote={
+        "allowed_hosts": "127.0.0.1", "allowed_networks": "127.0.0.0/8",
+        "refetch_after": str(refetch_after)})
+
+
+def ask_remote(app, origin, query):
+    url = urllib.parse.quote(f"http://127.0.0.1:{origin.server_address[1]}/photo.jpg", safe="")
+    return app.request("/", f"url={url}&{query}")
+
+
+def test_a_remote_source_is_fetched_once_for_the_variants_its_master_serves(
+        images, tmp_path, origin):
+    # a period that cannot end during the test
+    app, config = remote_app(images, str(tmp_path), refetch_after=10 ** 9)
+    first = ask_remote(app, origin, "width=400")
+    assert first.status == 200 and "master;desc=made" in timing(first)
+    assert origin.fetches == 1
+    for query in ("width=640", "width=1080&format=webp", "width=800&bandwidth=3g",
+                  "width=500&height=500&fit=cover"):
+        reply = ask_remote(app, origin, query)
+        assert reply.status == 200 and "master;desc=kept" in timing(reply), query
+    assert origin.fetches == 1  # neither fetched nor decoded again
+    # an answer wider than the master needs the source again
+    wide = ask_remote(app, origin, "width=2400")
+    assert wide.status == 200 and "master" not in timing(wide)
+    assert origin.fetches == 2
+    assert len(master_files(config)) == 1
+
+
+def test_a_remote_source_is_fetched_again_and_mastered_again_in_a_new_period(
+        images, tmp_path, origin):
+    app, config = remote_app(images, str(tmp_path), refetch_after=1)
+    first = ask_remote(app, origin, "width=400")
+    assert "master;desc=made" in timing(first)
+    period = int(time.time())  # the first's period, or a later one
+    while int(time.time()) == period:  # the next refetch period, at most a second away
+        time.sleep(0.05)
+    again = ask_remote(app, origin, "width=640")
+    assert again.status == 200 and "master;desc=made" in timing(again)
+    assert origin.fetches == 2
+    assert len(master_files(config)) == 2
 
 
 @pytest.mark.parametrize("name", ["photo-large-portrait.jpg", "photo-large-1.jpg"])
