@@ -400,12 +400,11 @@ ENCODER_BYTES_PER_PIXEL = {"avif": 38, "webp": 7, "jpeg": 3, "png": 2}
 #: the client takes: as AVIF it would take ~340 MB with its encoder; as WebP, 90 MB.
 #: Past 8 Mpx, the client is a high-density screen on a fast network, where AVIF's
 #: 20-25 % fewer bytes matter least. Smaller answers do the same where the source's
-#: decode, judged as a progressive JPEG's (RGB and its coefficients, 12 bytes a
-#: pixel: the plan knows the source's size alone, so that a master plans the same),
-#: would take the AVIF render past max_render_mb: a 422 a browser cannot avoid.
-#: format=avif asks for AVIF whatever its size, within max_render_mb.
+#: decode at its full size (Facts.decode_bytes_per_pixel, which a master carries
+#: for its source, so that both plan the same) would take the AVIF render past
+#: max_render_mb: a 422 a browser cannot avoid. format=avif asks for AVIF whatever
+#: its size, within max_render_mb.
 AUTO_AVIF_MAX_PIXELS = 8_000_000
-PLANNED_SOURCE_BYTES_PER_PIXEL = 12
 
 #: A source with a transparent colour (tRNS, a GIF's transparent index) is first
 #: made LA or RGBA, full size: measured 7.7 bytes a pixel more for 1-bit, grey and
@@ -1562,13 +1561,15 @@ class Facts:
     `frames` is how many frames an animation has, counted up to MAX_COUNTED_FRAMES
     + 1 (2 for other sources with more than one picture, such as a TIFF's pages);
     `still_reason` is "" or the code (STILL_REASONS) of why the frames cannot all
-    be served whatever the request."""
+    be served whatever the request. `decode_bytes_per_pixel` is what its decode at
+    full size takes (see decode_bytes_per_pixel; 12 is a progressive RGB JPEG's)."""
 
     size: tuple
     alpha: bool
     orientation: int = 1
     frames: int = 1
     still_reason: str = ""
+    decode_bytes_per_pixel: int = 12
 
 
 @dataclasses.dataclass(frozen=True)
@@ -1937,14 +1938,18 @@ def facts_of(image, data=b""):
     upright = (height, width) if orientation in (5, 6, 7, 8) else (width, height)
     alpha = (image.mode in ("RGBA", "LA", "PA", "La", "RGBa")
              or "transparency" in image.info)
+    facts = Facts(upright, alpha, orientation,
+                  decode_bytes_per_pixel=decode_bytes_per_pixel(image))
     if not _has_frames_to_count(image):
-        animated = _is_animated(image)  # a TIFF's pages, say: its first alone goes out
-        return Facts(upright, alpha, orientation, 2 if animated else 1, "a" if animated else "")
+        if _is_animated(image):  # a TIFF's pages, say: its first alone goes out
+            return dataclasses.replace(facts, frames=2, still_reason="a")
+        return facts
     scan = scan_frames(image, data)
     if len(scan.durations) < 2 and not scan.problem:
-        return Facts(upright, alpha, orientation)
+        return facts
     # an animation is at least two frames, however few could be read
-    return Facts(upright, alpha, orientation, max(2, len(scan.durations)), scan.problem)
+    return dataclasses.replace(facts, frames=max(2, len(scan.durations)),
+                               still_reason=scan.problem)
 
 
 def _has_frames_to_count(image):
@@ -2111,7 +2116,7 @@ def _avif_too_large(facts, canvas, config):
     or would, with the decode of a source of this size, take more than max_render_mb
     (as WebP it takes a third)."""
     pixels = canvas[0] * canvas[1]
-    source_bytes = facts.size[0] * facts.size[1] * PLANNED_SOURCE_BYTES_PER_PIXEL
+    source_bytes = facts.size[0] * facts.size[1] * facts.decode_bytes_per_pixel
     answer_bytes = pixels * (ANSWER_BYTES_PER_PIXEL + ENCODER_BYTES_PER_PIXEL["avif"])
     return (pixels > AUTO_AVIF_MAX_PIXELS
             or source_bytes + answer_bytes > config.max_render_mb * 1024 * 1024)
@@ -2399,22 +2404,39 @@ def _render_bytes(image, job, data):
         # 0xFFDA starts a scan; inside coded data 0xFF is always followed by 0 or RSTn
         if data.count(b"\xff\xda") > MAX_JPEG_SCANS:
             raise Unprocessable(f"source has more than {MAX_JPEG_SCANS} JPEG scans")
+        # its pixels at the (DCT-scaled) size it is decoded at, its coefficients at full
         needed = image.width * image.height * RENDER_BYTES_PER_PIXEL.get(image.mode, 12)
-        if image.info.get("progressive") or image.info.get("progression"):
+        if _is_progressive(image):
             needed += source_pixels * len(image.getbands()) * JPEG_COEFFICIENT_BYTES
     else:
         if image.format == "AVIF":
             # the AV1 frames are decoded at their own size, whatever the header says
             source_pixels = max(source_pixels, av1_frame_pixels(data))
-        per_pixel = max(RENDER_BYTES_PER_PIXEL.get(image.mode, 12),
-                        DECODER_BYTES_PER_PIXEL.get(image.format, 0))
-        if "transparency" in image.info:
-            per_pixel += TRANSPARENCY_BYTES_PER_PIXEL
-        needed = source_pixels * per_pixel
+        needed = source_pixels * decode_bytes_per_pixel(image)
     # an animation too: where it cannot go out whole, its first frame goes out still
     # (encode_animation adds the animation encoder's memory)
     return needed + plan.canvas[0] * plan.canvas[1] * (
         ANSWER_BYTES_PER_PIXEL + ENCODER_BYTES_PER_PIXEL[plan.format])
+
+
+def decode_bytes_per_pixel(image):
+    """The memory an opened source's decode takes a pixel, at its full size: its
+    pixels, or its decoder's planes where they take more, a transparent colour made
+    alpha, a progressive JPEG's coefficients."""
+    per_pixel = RENDER_BYTES_PER_PIXEL.get(image.mode, 12)
+    if image.format in ("JPEG", "MPO"):
+        if _is_progressive(image):
+            per_pixel += len(image.getbands()) * JPEG_COEFFICIENT_BYTES
+        return per_pixel
+    per_pixel = max(per_pixel, DECODER_BYTES_PER_PIXEL.get(image.format, 0))
+    if "transparency" in image.info:
+        per_pixel += TRANSPARENCY_BYTES_PER_PIXEL
+    return per_pixel
+
+
+def _is_progressive(image):
+    """Whether an opened JPEG is progressive (Pillow names it both ways)."""
+    return bool(image.info.get("progressive") or image.info.get("progression"))
 
 
 #: Items and extents, all counted together, an AVIF container may have (a photo
@@ -3250,9 +3272,11 @@ MASTER_MIN_PIXELS = 6_000_000
 #: MASTER_MIN_PIXELS.
 MASTER_MIN_BASELINE_PIXELS = 12_000_000
 
-#: A master's JPEG comment: the upright size of its source, which the plans of the
-#: answers made from it need (a remote source's may be known from nothing else).
-MASTER_COMMENT = re.compile(rb"dynimg master of ([0-9]{1,6})x([0-9]{1,6})")
+#: A master's JPEG comment: the upright size of its source and what its decode
+#: takes a pixel, which the plans of the answers made from it need (a remote
+#: source's may be known from nothing else). A master without them is made again.
+MASTER_COMMENT = re.compile(
+    rb"dynimg master of ([0-9]{1,6})x([0-9]{1,6}), decoded at ([0-9]{1,3}) bytes a pixel")
 
 
 def master_key(identity):
@@ -3269,8 +3293,7 @@ def master_pays(image, facts):
     pixels = facts.size[0] * facts.size[1]
     if facts.alpha or pixels < MASTER_MIN_PIXELS or facts.frames > 1:
         return False
-    if image.format in ("JPEG", "MPO") and not (image.info.get("progressive")
-                                                or image.info.get("progression")):
+    if image.format in ("JPEG", "MPO") and not _is_progressive(image):
         return pixels >= MASTER_MIN_BASELINE_PIXELS
     return True
 
@@ -3304,7 +3327,8 @@ def make_master(image, facts, source_data, config, transforms):
     buffer = io.BytesIO()
     image.save(buffer, "JPEG", quality=MASTER_QUALITY, subsampling="4:4:4",
                exif=_copyright_exif(copyright_line) if copyright_line else b"",
-               comment=b"dynimg master of %dx%d" % facts.size)
+               comment=b"dynimg master of %dx%d, decoded at %d bytes a pixel"
+               % (facts.size + (facts.decode_bytes_per_pixel,)))
     return buffer.getvalue()
 
 
@@ -3316,7 +3340,8 @@ def open_master(data, config):
     if image.format != "JPEG" or not found:
         raise Unprocessable("not a master")
     # a master is upright and opaque already: nothing of the source's EXIF applies
-    return image, Facts((int(found[1]), int(found[2])), False, 1)
+    return image, Facts((int(found[1]), int(found[2])), False, 1,
+                        decode_bytes_per_pixel=int(found[3]))
 
 
 #: The spec a master is made with: its own size, near-lossless, the copyright kept.

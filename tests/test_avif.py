@@ -138,15 +138,30 @@ def test_a_large_answer_with_alpha_falls_back_to_png_not_to_jpeg(app):
 
 def test_a_negotiated_avif_that_would_pass_max_render_mb_with_its_decode_falls_back(
         tmp_path, image_root):
-    """7.7 Mpx of AVIF (246 MB) on a 13 Mpx source judged as a progressive JPEG (160 MB)
-    is over a 300 MB limit: WebP then, where format=avif is a 422."""
+    """At a 300 MB limit, 5.1 Mpx of AVIF (213 MB) fits alone but not on the decode of
+    a 13 Mpx progressive JPEG (153 MB): WebP then, where format=avif is a 422; 4 Mpx
+    (168 MB) fits with it."""
     tight = App(dynimg.load_config(write_config(str(tmp_path), image_root,
                                                 limits={"max_render_mb": "300"})))
-    query = "width=3200&format="
+    query = "width=2600&format="
     negotiated = tight.request("/photo-large-3.jpg", query + "auto", headers={"Accept": CHROME})
     assert negotiated.status == 200 and negotiated.headers["Content-Type"] == "image/webp"
     assert tight.request("/photo-large-3.jpg", query + "avif").status == 422
     assert tight.request("/photo-large-3.jpg", "width=2000&format=auto",
+                         headers={"Accept": CHROME}).headers["Content-Type"] == "image/avif"
+
+
+def test_the_fall_back_judges_a_source_by_its_own_decoder(tmp_path, image_root):
+    """A WebP source's decoder takes 19 bytes a pixel, more than a JPEG's 12: at a 44
+    MB limit its 1024 px AVIF answer (46 MB with the decode) is over, as WebP (23 MB)
+    it is not; judged as a JPEG, the AVIF would be planned and refused."""
+    tight = App(dynimg.load_config(write_config(str(tmp_path), image_root,
+                                                limits={"max_render_mb": "44"})))
+    negotiated = tight.request("/webp-lossy.webp", "width=1024&format=auto",
+                               headers={"Accept": CHROME})
+    assert negotiated.status == 200 and negotiated.headers["Content-Type"] == "image/webp"
+    assert tight.request("/webp-lossy.webp", "width=1024&format=avif").status == 422
+    assert tight.request("/webp-lossy.webp", "width=600&format=auto",
                          headers={"Accept": CHROME}).headers["Content-Type"] == "image/avif"
 
 

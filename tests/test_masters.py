@@ -41,7 +41,7 @@ def images():
     root = shared_tempdir("dynimg-masters-")
     corpus = corpus_dir()
     for name in (PROGRESSIVE, BASELINE, "photo-large-1.jpg", "photo-large-portrait.jpg",
-                 "exif-orient-6.jpg", "exif-orient-3.jpg"):
+                 "exif-orient-6.jpg", "exif-orient-3.jpg", "webp-lossy.webp"):
         shutil.copy(os.path.join(corpus, name), root)
         os.chmod(os.path.join(root, name), 0o644)
     yield root
@@ -107,6 +107,27 @@ def test_masters_of_rotated_sources_are_upright(images, tmp_path, monkeypatch, n
     assert numpy.abs(pixels(from_master) - pixels(from_source)).mean() < 4
     turned = pixels(from_source)[::-1, ::-1]
     assert numpy.abs(pixels(from_master) - turned).mean() > 20
+
+
+def test_a_master_plans_as_its_source_would_where_the_decode_decides(
+        images, tmp_path, monkeypatch):
+    """A negotiated AVIF gives way where the source's decode (a WebP's: 19 bytes a
+    pixel) and AVIF's encoder would pass max_render_mb; the master, a JPEG that decodes
+    in 6, carries its source's figure, so its answer's format and key are the same."""
+    monkeypatch.setattr(dynimg, "MASTER_MIN_PIXELS", 1)
+    monkeypatch.setattr(dynimg, "MASTER_SIDE", 800)
+    limits = {"max_render_mb": "27"}  # 29 MiB as WebP source and AVIF, 24 if judged as 12
+    cached, _ = make_app(images, str(tmp_path / "cached"), limits=limits)
+    direct, _ = make_app(images, str(tmp_path / "direct"), limits=limits,
+                         cache={"cache_dir": ""})
+    assert "master;desc=made" in timing(cached.request("/webp-lossy.webp", "width=300"))
+    query, accept = "width=700&format=auto", {"Accept": "image/avif,image/webp,*/*"}
+    from_master = cached.request("/webp-lossy.webp", query, headers=accept)
+    from_source = direct.request("/webp-lossy.webp", query, headers=accept)
+    assert "master;desc=kept" in timing(from_master)
+    assert from_source.headers["Content-Type"] == "image/webp"
+    for header in ("X-Image-Size", "X-Image-Key", "Content-Type"):
+        assert from_master.headers[header] == from_source.headers[header]
 
 
 def test_a_changed_source_never_renders_from_the_old_master(images, tmp_path):
