@@ -935,27 +935,30 @@ MMAP_THRESHOLD = 1024 * 1024
 MALLOC_ARENAS = 2
 
 
+try:
+    _LIBC = ctypes.CDLL("libc.so.6", use_errno=True)
+    _malloc_trim = _LIBC.malloc_trim
+except (OSError, AttributeError):
+    _LIBC = _malloc_trim = None  # not glibc: its own defaults stand, nothing to release
+
+
 def tune_malloc():
     """Keep a long-running process's memory flat: image buffers are large, short-lived
     and made by several threads at once (bench/soak.py measures it). glibc only.
 
     Pages of their own cost page faults; GLIBC_TUNABLES=glibc.malloc.hugetlb=1 in
     the server's environment (the Makefile sets it) makes them huge pages."""
-    global _malloc_trim
-    try:
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        libc.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)
-        libc.mallopt(_M_ARENA_MAX, MALLOC_ARENAS)
-        _malloc_trim = libc.malloc_trim
-    except (OSError, AttributeError):
-        pass  # not glibc: its own defaults stand
+    if _LIBC is not None:
+        _LIBC.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)
+        _LIBC.mallopt(_M_ARENA_MAX, MALLOC_ARENAS)
 
-
-_malloc_trim = None
-_last_release = 0.0
 
 #: At most one release of freed memory a second in a process (see below).
 RELEASE_INTERVAL_SECONDS = 1.0
+
+#: When the process last released freed memory. The one module global that changes:
+#: the heap is the process's, shared by every app in it, and so is its ration.
+_last_release = 0.0
 
 
 def release_freed_memory():

@@ -347,10 +347,12 @@ def test_an_error_picture_too_large_to_fit_goes_out_as_it_is(hostile_app, caplog
 
 
 AVIF_HOLES = r"""
-import io, re, sys, threading, time
+import re, sys, threading, time
 from PIL import Image
 import dynimg
 dynimg.tune_malloc()
+if sys.argv[2] == "never":
+    dynimg.RELEASE_INTERVAL_SECONDS = float("inf")
 image = Image.open(sys.argv[1])
 image.draft("RGB", (1068, 712))
 image = image.convert("RGB")
@@ -362,16 +364,14 @@ def encode(width):
         dynimg._save(image.resize((width, width * 2 // 3)), "avif", None, 70)
 
 
-rss = lambda: int(re.search(r"VmRSS:\s+(\d+)", open("/proc/self/status").read())[1]) // 1024
 threads = [threading.Thread(target=encode, args=(300 + 50 * n,)) for n in range(16)]
 for thread in threads:
     thread.start()
 for thread in threads:
     thread.join()
-held = rss()
-time.sleep(dynimg.RELEASE_INTERVAL_SECONDS)
-dynimg.release_freed_memory()
-print(held, rss())
+time.sleep(dynimg.RELEASE_INTERVAL_SECONDS if sys.argv[2] == "rationed" else 0)
+encode(64)  # the next AVIF encode, a second on: it releases what the others freed
+print(int(re.search(r"VmRSS:\s+(\d+)", open("/proc/self/status").read())[1]) // 1024)
 """
 
 
@@ -380,11 +380,27 @@ def test_memory_freed_by_avif_encodes_goes_back_to_the_system(corpus):
     holes stay in the process (bench/soak.py measured the growth)."""
     if not dynimg.AVIF_ENCODER:
         pytest.skip("AVIF plugin not installed")
-    held, released = map(int, subprocess.run(
-        [sys.executable, "-c", AVIF_HOLES, os.path.join(corpus, "photo-large-2.jpg")],
-        capture_output=True, text=True, check=True, cwd=conftest.PROJECT,
-        env=dict(os.environ, PYTHONPATH=conftest.PROJECT)).stdout.split())
+
+    def rss_after(releases):
+        return int(subprocess.run(
+            [sys.executable, "-c", AVIF_HOLES, os.path.join(corpus, "photo-large-2.jpg"),
+             releases], capture_output=True, text=True, check=True, cwd=conftest.PROJECT,
+            env=dict(os.environ, PYTHONPATH=conftest.PROJECT)).stdout)
+    held, released = rss_after("never"), rss_after("rationed")
     assert released < held - 20, (held, released)
+
+
+def test_freed_memory_is_released_at_most_once_a_second(monkeypatch):
+    releases = []
+    monkeypatch.setattr(dynimg, "_malloc_trim", releases.append)
+    monkeypatch.setattr(dynimg, "_last_release", 0.0)
+    for _ in range(5):
+        dynimg.release_freed_memory()
+    assert releases == [0]
+    monkeypatch.setattr(dynimg, "_last_release",
+                        dynimg.time.monotonic() - dynimg.RELEASE_INTERVAL_SECONDS)
+    dynimg.release_freed_memory()
+    assert releases == [0, 0]
 
 
 ENCODER_MEMORY = r"""
